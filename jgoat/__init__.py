@@ -1,0 +1,33 @@
+"""jgoat: GOAT (LoRA mixture-of-experts) and the LoRA family for JAX/Flax parameter trees.
+
+    wrapped = jgoat.wrap(params, jgoat.GoatConfig(rank=32, targets="all-linear"), key=key)
+    out, aux = jgoat.apply(model.apply)({"params": wrapped}, batch)
+"""
+
+from jgoat._tree import Layout
+from jgoat.adapters import DoraAdapter, GoatAdapter, GoatConfig, LoraAdapter, LoraConfig, MoLoraConfig
+from jgoat.apply import apply, probe, register_linear
+from jgoat.wrap import adapters, combine, merge, split, summary, trainable_mask, unmerge, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DoraAdapter",
+    "GoatAdapter",
+    "GoatConfig",
+    "Layout",
+    "LoraAdapter",
+    "LoraConfig",
+    "MoLoraConfig",
+    "adapters",
+    "apply",
+    "combine",
+    "merge",
+    "probe",
+    "register_linear",
+    "split",
+    "summary",
+    "trainable_mask",
+    "unmerge",
+    "wrap",
+]

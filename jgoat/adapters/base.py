@@ -1,0 +1,110 @@
+"""What every adapter method shares: target selection knobs, the layer view handed to `init`, and small math.
+
+An adapter method is a module in `jgoat/adapters/` exposing
+  * a frozen config dataclass (subclass of `AdapterConfig`) that validates on construction,
+  * `init(cfg, layer, key) -> adapter` where `adapter` is a pytree node (flax.struct dataclass) holding the arrays of
+    ONE layer (unstacked; `wrap` vmaps it over stacked layers), and its static knobs,
+  * the node's `forward(x_TxI, y_TxO, ctx) -> (y_TxO, aux)` and, for mergeable methods, `merge` / `unmerge`.
+Layout convention (Flax): a linear computes y = x @ W + b with W [in, out]; A is [in, r], B is [r, out] (the
+transposes of HF PEFT's lora_A.weight [r, in] and lora_B.weight [out, r]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Module names treated as output heads: excluded from "all-linear" unless named explicitly.
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "classifier", "score", "head", "heads", "qa_outputs")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """Targeting knobs shared by every method.
+
+    Attributes:
+      targets: which linear modules get an adapter. A string is a regular expression that must match a whole
+        '/'-joined module path (e.g. ``r".*/(query|value)"``); a list/tuple of names matches modules whose last
+        path component (or '/'-joined path suffix) equals one of them (HF PEFT's ``target_modules`` semantics);
+        ``"all-linear"`` selects every 2-D linear kernel except output heads (see ``HEAD_NAMES``).
+      exclude: same forms as ``targets`` (without "all-linear"); removes modules from the selection.
+      modules_to_save: modules (same forms) whose own parameters become fully trainable, e.g. a new classifier.
+      dropout: adapter dropout on the adapter input only (active when a 'dropout' rng is passed to apply).
+    """
+
+    targets: str | Sequence[str] = "all-linear"
+    exclude: str | Sequence[str] = ()
+    modules_to_save: str | Sequence[str] = ()
+    dropout: float = 0.0
+
+    method: ClassVar[str] = "base"
+
+    def __post_init__(self):
+        for name in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # keep configs hashable
+                object.__setattr__(self, name, tuple(value))
+            value = getattr(self, name)
+            if not isinstance(value, str) and not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a regex string or a sequence of module names, got {value!r}")
+        if self.targets == "" or self.targets == ():
+            raise ValueError("targets is empty: give a regex, a list of module names, or 'all-linear'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def check_layer(self, path: str, in_features: int, out_features: int) -> None:
+        """Raise a ValueError if this config cannot adapt a layer of this shape."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a forward pass may need besides the adapter and the input.
+
+    Attributes:
+      kernel_IxO: the layer's (frozen) kernel as a 2-D [in, out] matrix, in its stored dtype.
+      bias_O: the layer's bias or None.
+      rng: a PRNG key for adapter dropout, or None for deterministic (eval) mode.
+      token_mask_T: optional {0,1} mask over the flattened tokens (for GOAT's aux loss), or None.
+    """
+
+    kernel_IxO: Array
+    bias_O: Array | None
+    rng: Array | None
+    token_mask_T: Array | None
+
+
+def kaiming_uniform(key: Array, in_features: int, shape: tuple[int, ...]) -> Array:
+    """torch's ``kaiming_uniform_(w, a=sqrt(5))`` on a weight with fan_in = in_features: U(±1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(in_features)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; identity when rate == 0 or rng is None (eval)."""
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def svd_torch_layout(kernel_IxO: Array) -> tuple[Array, Array, Array]:
+    """Thin SVD of W = kernelᵀ [out, in] in float32: returns U [out, h], S [h] (descending), Vt [h, in]."""
+    w_OxI = kernel_IxO.astype(jnp.float32).T
+    u, s, vt = jnp.linalg.svd(w_OxI, full_matrices=False)
+    return u, s, vt
+
+
+def low_rank(x_TxI: Array, a_IxR: Array, b_RxO: Array) -> Array:
+    """x @ A @ B in float32 without forming the [in, out] product."""
+    return (x_TxI.astype(jnp.float32) @ a_IxR) @ b_RxO
+
+
+def describe(value: Any) -> str:
+    return repr(value) if not isinstance(value, str) else f"'{value}'"

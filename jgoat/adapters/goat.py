@@ -1,0 +1,210 @@
+"""GOAT (Fan et al., ICML 2025): LoRA mixture-of-experts with SVD-segment init and theory-derived scaling.
+
+The exact math is ../shared/spec/GOAT.md; section numbers below refer to it. Defaults reproduce the official code.
+MoLoRA is the same layer with init="zero" (A kaiming, B = 0, base unchanged) and scaling="alpha".
+
+Layout (one layer, Flax): A [E, in, d], B [E, d, out], router [in, E]; the frozen residual correction
+W_res = init_cof · s · Σ_i A_i B_i is held as the low-rank offset res_A [in, E·d], res_B [E·d, out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jgoat.adapters.base import AdapterConfig, Array, Context, dropout, kaiming_uniform, svd_torch_layout
+from jgoat.adapters.lora import offset
+
+GOAT_INITS = ("goat", "goat_mini", "pissa", "milora", "zero")
+SCALINGS = ("theory", "alpha")
+AUX_FORMS = ("code", "paper")
+DROPOUT_MODES = ("per_expert", "shared")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GoatConfig(AdapterConfig):
+    """GOAT knobs (GOAT.md §1–4).
+
+    Attributes:
+      rank: total rank r over all experts; each expert gets d = r // experts.
+      experts: E, number of LoRA experts.
+      top_k: k experts per token.
+      init: "goat" (expert i takes the first d triplets of SVD block i), "goat_mini" (the last d of each block),
+        "pissa" (top r in order), "milora" (bottom r), "zero" (MoLoRA: A kaiming, B = 0, no residual).
+      scaling: "theory" (s = sqrt(3·eta·in / d), per layer) or "alpha" (s = alpha / d).
+      alpha: lora_alpha for scaling="alpha".
+      eta: ratio of full-FT lr to LoRA lr in the theory scaling.
+      rho: init damping: s·B_i A_i = U_i Σ_i V_iᵀ / rho.
+      init_cof: residual coefficient; W_res = init_cof · s · Σ_i A_i B_i. None means 1 / experts (the theorem).
+      aux_form: "code" (E · Σ f_i P_i, the official code) or "paper" ((E/k) · Σ f_i P_i).
+      dropout_mode: "per_expert" (an independent mask per expert, as the official code; materialises [T, E, in])
+        or "shared" (one mask for all experts; cheaper, different noise correlation).
+    """
+
+    rank: int = 32
+    experts: int = 8
+    top_k: int = 2
+    init: str = "goat"
+    scaling: str = "theory"
+    alpha: float = 16.0
+    eta: float = 1.0
+    rho: float = 10.0
+    init_cof: float | None = None
+    aux_form: str = "code"
+    dropout_mode: str = "per_expert"
+
+    method: ClassVar[str] = "goat"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("rank", "experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.rank % self.experts:
+            raise ValueError(
+                f"rank {self.rank} is not divisible by experts {self.experts}: each expert needs rank "
+                f"rank // experts; use a rank that is a multiple of {self.experts}"
+            )
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k {self.top_k} > experts {self.experts}; top_k must be in [1, experts]")
+        for name, allowed in (("init", GOAT_INITS), ("scaling", SCALINGS), ("aux_form", AUX_FORMS),
+                              ("dropout_mode", DROPOUT_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        for name in ("alpha", "eta", "rho"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.init_cof is not None and self.init_cof < 0:
+            raise ValueError(f"init_cof must be >= 0 or None (= 1/experts), got {self.init_cof}")
+
+    @property
+    def expert_rank(self) -> int:
+        return self.rank // self.experts
+
+    @property
+    def residual_coefficient(self) -> float:
+        return 1.0 / self.experts if self.init_cof is None else self.init_cof
+
+    def scale(self, in_features: int) -> float:
+        """GOAT.md §2: the per-layer scaling s."""
+        if self.scaling == "theory":
+            return math.sqrt(3.0 * self.eta * in_features / self.expert_rank)
+        return self.alpha / self.expert_rank
+
+    def check_layer(self, path: str, in_features: int, out_features: int) -> None:
+        h = min(in_features, out_features)
+        if self.rank > h:
+            raise ValueError(
+                f"rank {self.rank} > min(in, out) = {h} for layer '{path}' [{in_features} -> {out_features}]; "
+                "lower the rank or exclude this layer (the official code skips such layers silently)"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoLoraConfig(GoatConfig):
+    """MoLoRA: GOAT's router, top-k and aux loss with plain LoRA experts (A kaiming, B = 0), s = alpha / d."""
+
+    init: str = "zero"
+    scaling: str = "alpha"
+
+
+@struct.dataclass
+class GoatAdapter:
+    """One GOAT layer (see the module docstring for shapes)."""
+
+    A: Array
+    B: Array
+    router: Array
+    res_A: Array | None = None
+    res_B: Array | None = None
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    top_k: int = struct.field(pytree_node=False, default=2)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+    dropout_mode: str = struct.field(pytree_node=False, default="per_expert")
+    aux_form: str = struct.field(pytree_node=False, default="code")
+
+    trainable: ClassVar[tuple[str, ...]] = ("A", "B", "router")
+    layer_ndim: ClassVar[int] = 3  # ndim of A for one unstacked layer
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[-2]
+
+    def route(self, x_TxI: Array) -> tuple[Array, Array, Array]:
+        """GOAT.md §3: probabilities p [T, E], dense gates [T, E] (k non-zeros summing to 1), top-k idx [T, k]."""
+        p_TxE = jax.nn.softmax(x_TxI.astype(jnp.float32) @ self.router, axis=-1)
+        w_TxK, idx_TxK = jax.lax.top_k(p_TxE, self.top_k)
+        w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
+        n_experts = self.router.shape[-1]
+        gates_TxE = jnp.sum(jax.nn.one_hot(idx_TxK, n_experts, dtype=jnp.float32) * w_TxK[..., None], axis=1)
+        return p_TxE, gates_TxE, idx_TxK
+
+    def aux_loss(self, p_TxE: Array, idx_TxK: Array, token_mask_T: Array | None) -> Array:
+        """GOAT.md §4: E · Σ_i f_i P_i (code form) or that divided by k (paper form), over (unmasked) tokens."""
+        n_experts = p_TxE.shape[-1]
+        slots_TxE = jnp.sum(jax.nn.one_hot(idx_TxK, n_experts, dtype=jnp.float32), axis=1)
+        if token_mask_T is None:
+            f_E, p_E = jnp.mean(slots_TxE, axis=0), jnp.mean(p_TxE, axis=0)
+        else:
+            m_T = token_mask_T.astype(jnp.float32)
+            count = jnp.maximum(jnp.sum(m_T), 1.0)
+            f_E = jnp.sum(slots_TxE * m_T[:, None], axis=0) / count
+            p_E = jnp.sum(p_TxE * m_T[:, None], axis=0) / count
+        loss = n_experts * jnp.sum(f_E * p_E)
+        return loss / self.top_k if self.aux_form == "paper" else loss
+
+    def expert_inputs(self, x_TxI: Array, rng: Array | None) -> Array:
+        """x @ A_i for every expert, [T, E, d], with adapter dropout on the expert input."""
+        if self.dropout == 0.0 or rng is None or self.dropout_mode == "shared":
+            return jnp.einsum("ti,eid->ted", dropout(x_TxI, self.dropout, rng), self.A)
+        n_experts = self.A.shape[0]
+        x_TxExI = jnp.broadcast_to(x_TxI[:, None, :], (x_TxI.shape[0], n_experts, x_TxI.shape[1]))
+        return jnp.einsum("tei,eid->ted", dropout(x_TxExI, self.dropout, rng), self.A)
+
+    def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, Array]:
+        x = x_TxI.astype(jnp.float32)
+        p_TxE, gates_TxE, idx_TxK = self.route(x)
+        h_TxExD = self.expert_inputs(x, ctx.rng) * (self.scale * gates_TxE)[..., None]
+        delta_TxO = jnp.einsum("ted,edo->to", h_TxExD, self.B) - offset(self, x)
+        return y_TxO + delta_TxO.astype(y_TxO.dtype), self.aux_loss(p_TxE, idx_TxK, ctx.token_mask_T)
+
+
+def segment_indices(cfg: GoatConfig, h: int) -> Array:
+    """GOAT.md §1.2: which singular triplets (of h) each expert takes, [E, d]."""
+    n_experts, d, r = cfg.experts, cfg.expert_rank, cfg.rank
+    block = h // n_experts
+    starts = {
+        "goat": [i * block for i in range(n_experts)],
+        "goat_mini": [(i + 1) * block - d for i in range(n_experts)],
+        "pissa": [i * d for i in range(n_experts)],
+        "milora": [h - r + i * d for i in range(n_experts)],
+    }[cfg.init]
+    return jnp.asarray(starts)[:, None] + jnp.arange(d)[None, :]
+
+
+def init(cfg: GoatConfig, kernel_IxO: Array, key: Array) -> GoatAdapter:
+    """Initialise one (unstacked) GOAT layer from its frozen [in, out] kernel (GOAT.md §1)."""
+    n_in, n_out = kernel_IxO.shape
+    n_experts, d = cfg.experts, cfg.expert_rank
+    s = cfg.scale(n_in)
+    key_router, key_a = jax.random.split(key)
+    router = kaiming_uniform(key_router, n_in, (n_in, n_experts))
+    static = dict(scale=s, top_k=cfg.top_k, dropout=cfg.dropout, dropout_mode=cfg.dropout_mode,
+                  aux_form=cfg.aux_form)
+    if cfg.init == "zero":
+        a = kaiming_uniform(key_a, n_in, (n_experts, n_in, d))
+        return GoatAdapter(A=a, B=jnp.zeros((n_experts, d, n_out), jnp.float32), router=router, **static)
+    u, sv, vt = svd_torch_layout(kernel_IxO)
+    idx_ExD = segment_indices(cfg, sv.shape[0])
+    root_ExD = jnp.sqrt(sv[idx_ExD] / (s * cfg.rho))
+    a = jnp.transpose(vt[idx_ExD], (0, 2, 1)) * root_ExD[:, None, :]  # [E, in, d]
+    b = jnp.transpose(u[:, idx_ExD], (1, 2, 0)) * root_ExD[:, :, None]  # [E, d, out]
+    res_a = jnp.transpose(a, (1, 0, 2)).reshape(n_in, n_experts * d)
+    res_b = (cfg.residual_coefficient * s) * b.reshape(n_experts * d, n_out)
+    return GoatAdapter(A=a, B=b, router=router, res_A=res_a, res_B=res_b, **static)

