@@ -7,6 +7,8 @@
 from jgoat._tree import Layout
 from jgoat.adapters import DoraAdapter, GoatAdapter, GoatConfig, LoraAdapter, LoraConfig, MoLoraConfig
 from jgoat.apply import apply, probe, register_linear
+from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
+from jgoat.train import TrainState, adamw_cosine, freeze_base, train_step
 from jgoat.wrap import adapters, combine, merge, split, summary, trainable_mask, unmerge, wrap
 
 __version__ = "0.1.0"
@@ -19,14 +21,23 @@ __all__ = [
     "LoraAdapter",
     "LoraConfig",
     "MoLoraConfig",
+    "TrainState",
+    "adamw_cosine",
+    "adapter_leaves",
     "adapters",
     "apply",
     "combine",
+    "fingerprint",
+    "freeze_base",
+    "latest_step",
     "merge",
     "probe",
     "register_linear",
+    "restore",
+    "save",
     "split",
     "summary",
+    "train_step",
     "trainable_mask",
     "unmerge",
     "wrap",

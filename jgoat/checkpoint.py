@@ -1,0 +1,187 @@
+"""Adapter-only checkpoints with orbax-checkpoint, bound to the base they were trained on.
+
+A checkpoint holds the adapter leaves (every array inside a ``jgoat`` entry, trainable or not, plus
+`modules_to_save` params), optionally the optimizer state and a JSON record: step, the base fingerprint, the
+adapter leaf paths/shapes and any user metadata (e.g. the data position). The base is never saved. Orbax writes each
+step to a temporary directory and renames it when complete, so a process killed mid-save never replaces the last
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jgoat._tree import ADAPTER_KEY
+from jgoat.adapters import TrainModule
+
+PyTree = Any
+_SAMPLES = 1024
+
+
+def _flat(tree: PyTree) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in leaves]
+
+
+def _is_adapter_path(path: str, saved_prefixes: list[str]) -> bool:
+    parts = path.split("/")
+    return ADAPTER_KEY in parts or any(path.startswith(p + "/") for p in saved_prefixes)
+
+
+def _saved_prefixes(tree: PyTree, prefix: str = "") -> list[str]:
+    """'/'-paths of modules marked as modules_to_save."""
+    out = []
+    if isinstance(tree, Mapping):
+        if isinstance(tree.get(ADAPTER_KEY), TrainModule):
+            out.append(prefix.rstrip("/"))
+        for name, child in tree.items():
+            out += _saved_prefixes(child, f"{prefix}{name}/")
+    return out
+
+
+def adapter_leaves(tree: PyTree) -> dict[str, Any]:
+    """{path: array} of everything a checkpoint stores: adapter arrays and modules_to_save params."""
+    saved = _saved_prefixes(tree)
+    return {p: x for p, x in _flat(tree) if _is_adapter_path(p, saved)}
+
+
+def fingerprint(tree: PyTree) -> str:
+    """A stable id of the frozen base weights (adapters and modules_to_save excluded).
+
+    sha256 over every base leaf's path, shape, dtype and the exact bytes of up to 1024 evenly spaced elements plus
+    the first and last 64: any re-trained, re-quantised or different checkpoint changes it, while hashing stays
+    cheap for 7B-parameter trees and independent of the platform (no floating-point reductions).
+    """
+    saved = _saved_prefixes(tree)
+    h = hashlib.sha256()
+    for path, leaf in _flat(tree):
+        if _is_adapter_path(path, saved):
+            continue
+        flat = leaf.reshape(-1)
+        n = flat.shape[0]
+        idx = np.unique(np.concatenate([np.linspace(0, n - 1, min(n, _SAMPLES)).astype(np.int64),
+                                        np.arange(min(n, 64)), np.arange(max(n - 64, 0), n)]))
+        sample = np.asarray(flat[idx])
+        h.update(f"{path}|{tuple(leaf.shape)}|{sample.dtype}|".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()
+
+
+def _manager(directory: str | os.PathLike, max_to_keep: int | None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(
+    directory: str | os.PathLike,
+    tree: PyTree,
+    *,
+    step: int,
+    opt_state: PyTree = None,
+    metadata: Mapping[str, Any] | None = None,
+    max_to_keep: int | None = 3,
+) -> None:
+    """Save the adapters of `tree` (full wrapped tree or the trainable half) at `step` under `directory`.
+
+    Args:
+      directory: checkpoint root; each step is a subdirectory managed by orbax.
+      tree: the full wrapped tree (needed for the base fingerprint).
+      step: training step (the subdirectory name).
+      opt_state: optional optimizer state (saved leaf by leaf; restore needs a template of the same structure).
+      metadata: JSON-serialisable extras, e.g. {"data_position": 1234, "config": {...}}.
+      max_to_keep: keep only the newest N steps (None keeps all).
+    """
+    leaves = adapter_leaves(tree)
+    if not leaves:
+        raise ValueError("tree holds no adapters: wrap it with jgoat.wrap before saving")
+    arrays = {f"a{i:05d}": np.asarray(x) for i, x in enumerate(leaves.values())}
+    opt_leaves = {f"o{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+    record = {
+        "step": int(step),
+        "fingerprint": fingerprint(tree),
+        "adapter_paths": list(leaves),
+        "adapter_shapes": [list(x.shape) for x in leaves.values()],
+        "opt_leaves": len(opt_leaves),
+        "metadata": dict(metadata or {}),
+    }
+    with _manager(directory, max_to_keep) as mngr:
+        items = {"adapter": ocp.args.StandardSave(arrays), "record": ocp.args.JsonSave(record)}
+        if opt_leaves:
+            items["opt"] = ocp.args.StandardSave(opt_leaves)
+        mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
+        mngr.wait_until_finished()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest complete step under `directory`, or None."""
+    if not os.path.isdir(directory):
+        return None
+    with _manager(directory, None) as mngr:
+        return mngr.latest_step()
+
+
+def restore(
+    directory: str | os.PathLike,
+    tree: PyTree,
+    *,
+    step: int | None = None,
+    opt_state: PyTree = None,
+) -> tuple[PyTree, PyTree, dict[str, Any]]:
+    """Put saved adapters into `tree` (a wrapped tree on the same base, e.g. from the same ``jgoat.wrap`` call).
+
+    Refuses (ValueError) when the base fingerprint differs from the one recorded at save time, or when the adapter
+    layout (paths, shapes) differs.
+
+    Args:
+      directory: checkpoint root.
+      tree: wrapped tree whose adapter leaves are replaced.
+      step: which step (default: the latest).
+      opt_state: a template optimizer state (e.g. ``tx.init(trainable)``) to restore into, or None.
+
+    Returns:
+      (tree with restored adapters, restored opt_state or None, the JSON record incl. step and metadata).
+    """
+    with _manager(directory, None) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+        leaves = adapter_leaves(tree)
+        if record["fingerprint"] != fingerprint(tree):
+            raise ValueError(f"checkpoint {directory} (step {step}) was trained on a different base model: its "
+                             "base fingerprint does not match these params (GOAT/PiSSA residuals and the adapters "
+                             "only make sense on the exact base they were derived from)")
+        shapes = [list(x.shape) for x in leaves.values()]
+        if record["adapter_paths"] != list(leaves) or record["adapter_shapes"] != shapes:
+            diff = sorted(set(record["adapter_paths"]) ^ set(leaves))[:8]
+            raise ValueError(f"checkpoint adapter layout differs from the tree's (differing paths: {diff}); wrap "
+                             "the base with the same config as at save time")
+        opt_template = jax.tree.leaves(opt_state)
+        if opt_state is not None and len(opt_template) != record["opt_leaves"]:
+            raise ValueError(f"optimizer state template has {len(opt_template)} leaves, checkpoint has "
+                             f"{record['opt_leaves']}: build it with the same optimizer and trainable tree")
+        abstract = {f"a{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(leaves.values())}
+        items = {"adapter": ocp.args.StandardRestore(abstract)}
+        if opt_template:
+            items["opt"] = ocp.args.StandardRestore(
+                {f"o{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                 for i, x in enumerate(opt_template)})
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    values = iter(restored["adapter"][f"a{i:05d}"] for i in range(len(leaves)))
+    saved = _saved_prefixes(tree)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    new_leaves = [next(values) if _is_adapter_path(jax.tree_util.keystr(p, simple=True, separator="/"), saved)
+                  else x for p, x in paths]
+    new_tree = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    new_opt = opt_state
+    if opt_template:
+        opt_values = [restored["opt"][f"o{i:05d}"] for i in range(len(opt_template))]
+        new_opt = jax.tree_util.tree_unflatten(jax.tree.structure(opt_state), opt_values)
+    return new_tree, new_opt, record

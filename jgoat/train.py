@@ -1,0 +1,103 @@
+"""Training primitives: a pure train step over the adapters only, and optax helpers that freeze the base."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jgoat.wrap import combine, trainable_mask
+
+PyTree = Any
+# loss_fn(params, batch, rng) -> (task_loss, aux_loss): params is the full (combined) tree; aux_loss is what
+# jgoat.apply returns (0.0 without GOAT), plus any other regulariser the method defines.
+LossFn = Callable[[PyTree, Any, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+@struct.dataclass
+class TrainState:
+    """What changes during training: step, the trainable tree (adapters and modules_to_save), optimizer state."""
+
+    step: jax.Array
+    trainable: PyTree
+    opt_state: PyTree
+
+    @classmethod
+    def create(cls, trainable: PyTree, tx: optax.GradientTransformation) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable))
+
+
+def train_step(
+    state: TrainState,
+    frozen: PyTree,
+    batch: Any,
+    rng: jax.Array,
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    aux_coeff: float = 1e-3,
+    clip_norm: float | None = 1.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the trainable part only; the frozen base gets no gradient and no optimizer state.
+
+    loss = task_loss + aux_coeff · aux (GOAT.md §4: coeff 1e-3), gradients clipped to `clip_norm` (global norm,
+    None to disable), then `tx` applied. Pure: jit it with the keyword arguments bound, e.g.
+    ``step = jax.jit(functools.partial(jgoat.train_step, loss_fn=loss_fn, tx=tx))``.
+
+    Args:
+      state: TrainState from ``TrainState.create(trainable, tx)``.
+      frozen: the frozen half of ``jgoat.split(wrapped)``.
+      batch: anything `loss_fn` understands.
+      rng: PRNG key for this step (dropout); fold in the step yourself or pass a fresh one.
+      loss_fn: ``loss_fn(params, batch, rng) -> (task_loss, aux)``.
+      tx: the optax optimizer (e.g. ``jgoat.adamw_cosine(...)``).
+
+    Returns:
+      (new state, metrics with loss, task_loss, aux, grad_norm).
+    """
+
+    def objective(trainable):
+        task, aux = loss_fn(combine(trainable, frozen), batch, rng)
+        return task + aux_coeff * aux, (task, aux)
+
+    (loss, (task, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+    grad_norm = optax.tree.norm(grads)
+    if clip_norm is not None:
+        factor = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
+        grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    new = TrainState(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
+                     opt_state=opt_state)
+    return new, {"loss": loss, "task_loss": task, "aux": aux, "grad_norm": grad_norm}
+
+
+def adamw_cosine(
+    learning_rate: float,
+    total_steps: int,
+    *,
+    warmup_ratio: float = 0.03,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """The published GOAT schedule (GOAT.md §6): AdamW, linear warmup for `warmup_ratio` of steps, cosine to 0."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    warmup = int(round(warmup_ratio * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup, 1), max(total_steps, warmup + 1))
+    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def freeze_base(tx: optax.GradientTransformation, tree: PyTree) -> optax.GradientTransformation:
+    """For users who keep ONE tree: `tx` on adapter leaves, exact zero updates (and no state) for the base.
+
+    Uses ``optax.multi_transform`` with ``set_to_zero`` for frozen leaves — never bare ``optax.masked``, which
+    passes raw gradients through to the frozen leaves.
+    """
+    labels = jax.tree.map(lambda trainable: "train" if trainable else "frozen", trainable_mask(tree))
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
