@@ -8,8 +8,9 @@ from jgoat._tree import Layout
 from jgoat.adapters import DoraAdapter, GoatAdapter, GoatConfig, LoraAdapter, LoraConfig, MoLoraConfig
 from jgoat.apply import apply, probe, register_linear
 from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
+from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
 from jgoat.train import TrainState, adamw_cosine, freeze_base, train_step
-from jgoat.wrap import adapters, combine, merge, split, summary, trainable_mask, unmerge, wrap
+from jgoat.wrap import adapters, combine, mark_trainable, merge, split, summary, trainable_mask, unmerge, wrap
 
 __version__ = "0.1.0"
 
@@ -27,9 +28,15 @@ __all__ = [
     "adapters",
     "apply",
     "combine",
+    "default_torch_name",
+    "export_goat",
+    "export_peft",
     "fingerprint",
     "freeze_base",
+    "import_goat",
+    "import_peft",
     "latest_step",
+    "mark_trainable",
     "merge",
     "probe",
     "register_linear",

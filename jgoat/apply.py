@@ -114,6 +114,8 @@ def _interceptor(token_mask: jax.Array | None):
 def _mask_for(token_mask, lead: tuple[int, ...], path: str):
     if token_mask is None:
         return None
+    if token_mask.shape[: len(lead)] == lead and len(lead) < token_mask.ndim:
+        return None  # a reduced input (e.g. a pooler on the first token): every row is a real token
     if token_mask.shape != lead:
         if lead[: token_mask.ndim] != token_mask.shape:
             raise ValueError(f"aux_mask of shape {token_mask.shape} does not match the leading dims {lead} of the "
@@ -132,6 +134,7 @@ def apply(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, jax.Array]]:
     The wrapped function takes the apply function's arguments plus:
       aux_mask: optional {0,1} array over the leading (token) dims of the linear inputs, e.g. [batch, seq];
         padding tokens (0) are then left out of the aux loss. Default None counts every token (official code).
+        A linear whose input has fewer leading dims that prefix the mask's (a pooler on [batch]) counts all rows.
       mutable: as in linen; extra mutated collections are returned as a third output.
 
     Models that use ``nn.scan`` must list ``'jgoat_aux'`` in its ``variable_axes`` (e.g. ``{'params': 0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,7 +49,8 @@ def _check_rule(rule, paths: list[tuple[str, ...]], what: str) -> None:
         if not any(rule_matches(part if isinstance(part, str) else list(part), p) for p in paths):
             shown = ", ".join(f"'{path_str(p)}'" for p in paths[:6]) + (" ..." if len(paths) > 6 else "")
             name = part if isinstance(part, str) else part[0]
-            raise ValueError(f"{what} rule {name!r} matches no linear module; some real module paths: {shown}")
+            kind = "module" if what == "modules_to_save" else "linear module"
+            raise ValueError(f"{what} rule {name!r} matches no {kind}; some real module paths: {shown}")
 
 
 def select_targets(params: Mapping, cfg: AdapterConfig) -> list[tuple[str, ...]]:
@@ -121,12 +122,20 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
         layout = _layout_for(path, module["kernel"], layouts)
         adapter = init_layer(cfg, module["kernel"], layout, _module_key(key, path), path_str(path))
         params = replace_at(params, path, lambda m, a=adapter: {**m, ADAPTER_KEY: a})
-    if cfg.modules_to_save:
-        modules = [p for p, _ in iter_modules(params) if p]
-        _check_rule(cfg.modules_to_save, modules, "modules_to_save")
-        for path in modules:
-            if rule_matches(cfg.modules_to_save, path):
-                params = replace_at(params, path, lambda m: {**m, ADAPTER_KEY: TrainModule()})
+    return mark_trainable(params, cfg.modules_to_save) if cfg.modules_to_save else params
+
+
+def mark_trainable(params: PyTree, modules: str | Sequence[str]) -> dict:
+    """Make every param of the matching modules trainable (``modules_to_save``), e.g. a new classifier head.
+
+    Same rule forms as ``targets``; a rule matching no module is an error. Usable alone for head-only training.
+    """
+    params = _to_dict(params)
+    paths = [p for p, _ in iter_modules(params) if p]
+    _check_rule(modules, paths, "modules_to_save")
+    for path in paths:
+        if rule_matches(modules, path):
+            params = replace_at(params, path, lambda m: {**m, ADAPTER_KEY: TrainModule()})
     return params
 
 

@@ -3,7 +3,9 @@
 from jgoat.models.bert import (
     SUPPORTED_MODEL_TYPES,
     BertConfig,
+    BertEncoder,
     BertForSequenceClassification,
+    BertLayer,
     BertModel,
     BertModelOutput,
     RobertaClassificationHead,
@@ -15,7 +17,9 @@ from jgoat.models.hf import LoadingInfo, from_pretrained, hf_key, load_tokenizer
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "BertConfig",
+    "BertEncoder",
     "BertForSequenceClassification",
+    "BertLayer",
     "BertModel",
     "BertModelOutput",
     "LoadingInfo",

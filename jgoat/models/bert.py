@@ -77,9 +77,7 @@ class BertConfig:
                 f"Unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"Unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
 
@@ -104,7 +102,8 @@ class BertConfig:
         Args:
           hf: the parsed ``config.json``. Unknown keys are ignored; ``num_labels`` falls back to
             ``len(id2label)`` and then to 2, as in HF.
-          **overrides: field values that win over ``hf`` (e.g. ``num_labels``, ``dtype``, ``param_dtype``).
+          **overrides: field values that win over ``hf`` (e.g. ``num_labels``, ``dtype``, ``param_dtype``);
+            None values are ignored.
 
         Returns:
           The frozen config.
@@ -115,13 +114,9 @@ class BertConfig:
         """
         model_type = overrides.get("model_type", hf.get("model_type", "bert"))
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"Unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ValueError(f"Unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(
-                f"Only absolute position embeddings are supported, got {hf['position_embedding_type']!r}"
-            )
+            raise ValueError(f"Only absolute position embeddings are supported, got {hf['position_embedding_type']!r}")
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise ValueError("Decoder / cross-attention BERT configs are not supported (encoder only)")
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat"}
@@ -231,9 +226,7 @@ class BertSelfAttention(nn.Module):
         scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH).astype(jnp.float32)
         scores_BxNxTxS = scores_BxNxTxS * (H**-0.5) + bias_Bx1x1xS.astype(jnp.float32)
         probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(cfg.dtype)
-        probs_BxNxTxS = nn.Dropout(cfg.attention_probs_dropout_prob)(
-            probs_BxNxTxS, deterministic=deterministic
-        )
+        probs_BxNxTxS = nn.Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxTxS, deterministic=deterministic)
         out_BxTxNxH = jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS, v_BxSxNxH)
         return out_BxTxNxH.reshape(B, T, N * H)
 
@@ -258,9 +251,7 @@ class BertAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD, bias_Bx1x1xS, *, deterministic: bool):
-        a_BxTxD = BertSelfAttention(self.config, name="self")(
-            x_BxTxD, bias_Bx1x1xS, deterministic=deterministic
-        )
+        a_BxTxD = BertSelfAttention(self.config, name="self")(x_BxTxD, bias_Bx1x1xS, deterministic=deterministic)
         return BertSelfOutput(self.config, name="output")(a_BxTxD, x_BxTxD, deterministic=deterministic)
 
 
@@ -362,9 +353,7 @@ class BertModel(nn.Module):
                 position_ids_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
         offset = cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0
         if T + offset > cfg.max_position_embeddings:
-            raise ValueError(
-                f"Sequence length {T} exceeds max_position_embeddings {cfg.max_position_embeddings}"
-            )
+            raise ValueError(f"Sequence length {T} exceeds max_position_embeddings {cfg.max_position_embeddings}")
         if token_type_ids_BxT is None:
             token_type_ids_BxT = jnp.zeros((B, T), jnp.int32)
         if attention_mask_BxT is None:
@@ -436,8 +425,6 @@ class BertForSequenceClassification(nn.Module):
             deterministic=deterministic,
         )
         if not is_bert:
-            return RobertaClassificationHead(cfg, name="classifier")(
-                out.last_hidden_state, deterministic=deterministic
-            )
+            return RobertaClassificationHead(cfg, name="classifier")(out.last_hidden_state, deterministic=deterministic)
         pooled_BxD = nn.Dropout(cfg.head_dropout)(out.pooler_output, deterministic=deterministic)
         return _dense(cfg, cfg.num_labels, "classifier")(pooled_BxD)

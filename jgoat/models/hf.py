@@ -31,6 +31,8 @@ TASKS = ("sequence-classification", "base")
 _HEAD_PREFIXES = ("classifier.", "pooler.")
 # Flax leaf name -> HF leaf name; Dense kernels are stored transposed ([out, in]) in torch.
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Non-persistent torch buffers that old checkpoints still contain: reported in LoadingInfo.unused, not logged.
+_BUFFER_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 # Legacy (TF-converted) LayerNorm names.
 _LEGACY_LEAF_NAMES = {"gamma": "weight", "beta": "bias"}
 
@@ -56,9 +58,7 @@ def minilm_path() -> pathlib.Path:
     """
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{MINILM_PACKAGE} is not installed; run `{MINILM_PIP}`", name=MINILM_PACKAGE
-        )
+        raise ModuleNotFoundError(f"{MINILM_PACKAGE} is not installed; run `{MINILM_PIP}`", name=MINILM_PACKAGE)
     folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; reinstall with `{MINILM_PIP}`")
@@ -201,9 +201,7 @@ def from_pretrained(
     folder = pathlib.Path(path)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; supported: {', '.join(TASKS)}")
-    config = BertConfig.from_hf_dict(
-        read_config(folder), num_labels=num_labels, dtype=dtype, param_dtype=dtype
-    )
+    config = BertConfig.from_hf_dict(read_config(folder), num_labels=num_labels, dtype=dtype, param_dtype=dtype)
     prefix = config.base_model_prefix
     model = BertModel(config) if task == "base" else BertForSequenceClassification(config)
     dummy_1x1 = jnp.zeros((1, 1), jnp.int32)
@@ -229,16 +227,18 @@ def from_pretrained(
             (to_init if name.startswith(_HEAD_PREFIXES) else missing).append((fpath, name))
             continue
         used.add(ck)
-        shape = reader.shape(files[ck], ck)
-        shape = shape[::-1] if transpose else shape
-        if shape != want.shape:
-            mismatched.append(f"{ck}: checkpoint {shape} vs model {want.shape}")
+        shape, expected = reader.shape(files[ck], ck), want.shape[::-1] if transpose else want.shape
+        if shape != expected:  # both in the checkpoint's (torch) layout
+            mismatched.append(f"{ck}: checkpoint {shape} vs expected {expected}")
             continue
         array = reader.read(files[ck], ck)
         flat[fpath] = jnp.asarray(array.T if transpose else array, dtype=dtype)
     if missing or mismatched:
         lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
-        raise ValueError(f"Cannot load {folder} as {config.model_type} {task}:\n  " + "\n  ".join(lines))
+        raise ValueError(
+            f"Cannot load {folder} as {config.model_type} {task} (HF keys, with or without the '{prefix}.' "
+            "prefix):\n  " + "\n  ".join(lines)
+        )
 
     key = jax.random.key(0) if key is None else key
     for i, (fpath, _) in enumerate(to_init):
@@ -247,7 +247,8 @@ def from_pretrained(
     info = LoadingInfo(newly_initialized=[name for _, name in to_init], unused=sorted(set(files) - used))
     if info.newly_initialized:
         logger.warning("Newly initialised (not in %s): %s", folder, ", ".join(info.newly_initialized))
-    if info.unused:
-        logger.warning("Unused checkpoint keys in %s: %s", folder, ", ".join(info.unused))
+    unused_weights = [k for k in info.unused if _canonical(k, prefix) not in _BUFFER_KEYS]
+    if unused_weights:
+        logger.warning("Unused checkpoint keys in %s: %s", folder, ", ".join(unused_weights))
     params = traverse_util.unflatten_dict(flat)
     return (model, params, config, info) if output_loading_info else (model, params, config)

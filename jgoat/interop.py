@@ -1,0 +1,691 @@
+"""Adapter files: HF PEFT's LoRA format (export/import), and GOAT's own format.
+
+HF PEFT (LoRA, rsLoRA, DoRA, and PiSSA / MiLoRA / OLoRA converted to plain LoRA)
+-------------------------------------------------------------------------------
+``export_peft`` writes the two files ``peft.PeftModel.from_pretrained(torch_model, out_dir)`` reads:
+
+* ``adapter_model.safetensors`` with, per adapted torch module ``<name>`` (one per layer for stacked layers):
+  ``base_model.model.<name>.lora_A.weight`` = Aᵀ [r, in], ``base_model.model.<name>.lora_B.weight`` = Bᵀ [out, r],
+  and for DoRA ``base_model.model.<name>.lora_magnitude_vector`` = m [out]. ``modules_to_save`` modules are stored
+  as their own torch parameters, ``base_model.model.<name>.weight`` (= kernelᵀ for a kernel) / ``.bias`` — peft
+  saves them without the ``modules_to_save.default`` infix and adds it back when loading.
+* ``adapter_config.json``: a ``LoraConfig`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules`` as
+  torch names, ``use_rslora``, ``use_dora``, ``lora_dropout``, ``bias: "none"``, ``init_lora_weights: true``, ...).
+
+Adapters that hold a frozen offset (PiSSA / MiLoRA / OLoRA: y = x W − x res_A res_B + s x A B, base untouched)
+are exported as the equivalent plain LoRA on the UNMODIFIED base, as peft's own PiSSA conversion does: with
+ΔW = s·A·B − res_A·res_B (Flax layout) and rank r' = r + r_res,
+
+    A' = [A, res_A]  [in, r'],      B' = [(s/s')·B ; −res_B/s']  [r', out],      s'·A'·B' = ΔW,
+
+where s' is the scaling peft derives from the exported ``r'`` and ``lora_alpha'`` (α' = α·r'/r, or α·√(r'/r) with
+rsLoRA, so s' = s up to one rounding). Layers whose rank or scaling differs from the config's get entries in
+``rank_pattern`` / ``alpha_pattern`` (keys anchored with ``^`` so they match one module exactly).
+
+``import_peft`` reads such a folder (from peft or from ``export_peft``) into a params tree (plain, or already
+wrapped with the same shapes): each adapted module gets a ``LoraAdapter`` / ``DoraAdapter`` (stacked layers are
+restacked), with the scaling from ``r`` / ``lora_alpha`` / ``use_rslora`` and the patterns.
+
+Torch names: ``torch_name(flax_path, index)`` maps a '/'-joined Flax module path and a layer index (``()`` when
+the module is not stacked) to the torch module name; the default replaces '/' by '.' and, for stacked layers,
+inserts the index after the first path component (``layers/fc1``, (2,) → ``layers.2.fc1``).
+
+GOAT format (format version 1)
+------------------------------
+GOAT is not a PEFT type. ``export_goat`` writes into ``out_dir``:
+
+* ``goat_adapter.safetensors``: one tensor per array, named by its '/'-joined path in the wrapped tree:
+  ``<module path>/jgoat/A`` [*L, E, in, d], ``.../jgoat/B`` [*L, E, d, out], ``.../jgoat/router`` [*L, in, E], the
+  frozen residual offset ``.../jgoat/res_A`` [*L, in, E·d] and ``.../jgoat/res_B`` [*L, E·d, out] (absent for
+  ``init="zero"``), and every parameter of each ``modules_to_save`` module (``<module path>/<param path>``).
+* ``goat_config.json``: ``{"format": "jgoat-goat", "format_version": 1, "jgoat_version", "base_fingerprint",
+  "config_class": "GoatConfig" | "MoLoraConfig", "config": dataclasses.asdict(cfg) (every knob),
+  "modules": [{"path", "stack" (layer-stack shape), "in_features", "out_features", "scale"}, ...],
+  "modules_to_save": [paths]}``.
+
+The residual offset was derived from one exact base (SVD of its weights), so ``import_goat`` refuses a base whose
+fingerprint differs from the recorded one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.flax
+
+from jgoat._tree import ADAPTER_KEY, Layout, get_at, iter_modules, path_str, replace_at
+from jgoat.adapters import (
+    ADAPTER_TYPES,
+    DoraAdapter,
+    GoatAdapter,
+    GoatConfig,
+    LoraAdapter,
+    LoraConfig,
+    MoLoraConfig,
+    TrainModule,
+)
+
+PyTree = Any
+TorchName = Callable[[str, tuple[int, ...]], str]
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+GOAT_CONFIG_FILE = "goat_config.json"
+GOAT_WEIGHTS_FILE = "goat_adapter.safetensors"
+GOAT_FORMAT = "jgoat-goat"
+GOAT_FORMAT_VERSION = 1
+_PREFIX = "base_model.model."
+_LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector", "m"))
+_GOAT_FIELDS = ("A", "B", "router", "res_A", "res_B")
+_GOAT_CLASSES = {"GoatConfig": GoatConfig, "MoLoraConfig": MoLoraConfig}
+
+
+def default_torch_name(flax_path: str, index: tuple[int, ...]) -> str:
+    """'/' → '.'; a stacked layer's index goes after the first component (``layers/fc1``, (i,) → ``layers.i.fc1``)."""
+    parts = flax_path.split("/")
+    if index:
+        parts = [parts[0], *(str(i) for i in index), *parts[1:]]
+    return ".".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _to_dict(tree: PyTree) -> PyTree:
+    if isinstance(tree, Mapping):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _np32(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def _json_number(x: float) -> int | float:
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
+def _peft_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """Exactly peft's ``lora_alpha / r`` or ``lora_alpha / math.sqrt(r)``."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default):
+    """peft's ``get_pattern_key``: the first key k with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+def _module_params(module: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """Every array leaf of a module (nested dicts included), excluding jgoat nodes and markers."""
+    out = []
+    for name in sorted(module):
+        value = module[name]
+        if name == ADAPTER_KEY:
+            continue
+        if isinstance(value, Mapping):
+            out.extend(_module_params(value, (*prefix, name)))
+        elif _is_array(value):
+            out.append(((*prefix, name), value))
+    return out
+
+
+def _saved_modules(tree: Mapping) -> list[tuple[tuple[str, ...], Mapping]]:
+    return [(p, m) for p, m in iter_modules(tree) if isinstance(m.get(ADAPTER_KEY), TrainModule)]
+
+
+def _all_adapters(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
+    return [(p, m[ADAPTER_KEY]) for p, m in iter_modules(tree) if isinstance(m.get(ADAPTER_KEY), ADAPTER_TYPES)]
+
+
+def _module_stack(module: Mapping, path: tuple[str, ...], layouts: Mapping[str, Layout] | None):
+    """(stack shape, in_features, out_features) of a module holding a kernel, or None."""
+    kernel = module.get("kernel")
+    if not _is_array(kernel):
+        return None
+    adapter = module.get(ADAPTER_KEY)
+    if isinstance(adapter, ADAPTER_TYPES):
+        stack = tuple(adapter.A.shape[: adapter.A.ndim - adapter.layer_ndim])
+        n_in = adapter.A.shape[-2]
+        return stack, n_in, int(np.prod(kernel.shape)) // (n_in * int(np.prod(stack, dtype=int)))
+    if layouts is not None and path_str(path) in layouts:
+        layout = layouts[path_str(path)]
+    else:
+        layout = Layout(n_stack=max(kernel.ndim - 2, 0), n_in=1)
+    return layout.split(kernel.shape)
+
+
+def _torch_params(module: Mapping) -> dict[str, tuple[str, bool]]:
+    """{torch param name: (flax leaf name, per-layer transpose?)} for a module_to_save (Dense, Embed, LayerNorm...)."""
+    mapping = {}
+    for name in sorted(module):
+        value = module[name]
+        if name == ADAPTER_KEY:
+            continue
+        if not _is_array(value):
+            raise ValueError(f"modules_to_save module holds a nested module '{name}': name that module instead")
+        torch = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}.get(name)
+        if torch is None or torch in mapping:
+            raise ValueError(f"cannot map the Flax parameter '{name}' of a modules_to_save module to a torch name "
+                             "(supported: kernel, embedding, scale, bias)")
+        mapping[torch] = (name, name == "kernel")
+    return mapping
+
+
+def _per_layer_to_torch(value, idx: tuple[int, ...], torch_param: str, transpose: bool, n_in: int | None):
+    """One layer of a modules_to_save leaf in torch layout: kernel [in, out] -> weight [out, in]; bias flattened."""
+    leaf = np.asarray(value[idx] if idx else value)
+    if transpose:
+        leaf = leaf.reshape(n_in, -1).T
+    elif torch_param == "bias":
+        leaf = leaf.reshape(-1)
+    return np.ascontiguousarray(leaf)
+
+
+def _restack(per_layer: list, stack: tuple[int, ...]):
+    """Per-layer arrays (in np.ndindex order) back to one [*stack, ...] array; the array itself when unstacked."""
+    if not stack:
+        return per_layer[0]
+    return jnp.stack(per_layer).reshape(*stack, *per_layer[0].shape)
+
+
+def _write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str]) -> None:
+    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, path, metadata=dict(metadata))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF PEFT
+
+
+def export_peft(
+    tree: PyTree,
+    cfg: LoraConfig,
+    out_dir: str | os.PathLike,
+    *,
+    torch_name: TorchName | None = None,
+    base_model_name_or_path: str | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+) -> None:
+    """Write the LoRA-family adapters of a wrapped tree as an HF PEFT adapter folder.
+
+    Args:
+      tree: a tree wrapped with a ``jgoat.LoraConfig`` (LoRA, rsLoRA, DoRA, PiSSA, MiLoRA, OLoRA), possibly trained.
+      cfg: the config it was wrapped with (rank, alpha, use_rslora, dropout are written to the peft config).
+      out_dir: folder to create / overwrite ``adapter_config.json`` and ``adapter_model.safetensors`` in.
+      torch_name: maps (Flax module path, layer index) to the torch module name; see `default_torch_name`.
+      base_model_name_or_path: recorded in the config (peft uses it to find the base model).
+      layouts: optional `Layout` per module path, only needed for ``modules_to_save`` kernels that are not
+        [*layers, in, out] (adapters carry their own shapes).
+
+    Raises:
+      ValueError: the tree holds GOAT adapters or no LoRA-family adapter, mixes DoRA and non-DoRA adapters, or two
+        layers map to the same torch name.
+
+    Example:
+      >>> export_peft(wrapped, cfg, "out/adapter", torch_name=lambda p, i: "model." + default_torch_name(p, i))
+      >>> # torch: peft.PeftModel.from_pretrained(torch_model, "out/adapter")
+    """
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(f"export_peft needs the jgoat.LoraConfig the tree was wrapped with, got {type(cfg).__name__}")
+    torch_name = torch_name or default_torch_name
+    tree = _to_dict(tree)
+    found = _all_adapters(tree)
+    goat = [path_str(p) for p, a in found if isinstance(a, GoatAdapter)]
+    if goat:
+        raise ValueError(f"GOAT adapters are not a PEFT type (at {', '.join(goat[:4])}); use export_goat")
+    if not found:
+        raise ValueError("the tree holds no LoRA-family adapter (LoraAdapter / DoraAdapter): wrap it first")
+    kinds = {type(a) for _, a in found}
+    if len(kinds) > 1:
+        raise ValueError("the tree mixes DoRA and non-DoRA adapters; one peft LoraConfig cannot describe both")
+    use_dora = DoraAdapter in kinds
+    if use_dora != cfg.use_dora:
+        raise ValueError(f"cfg.use_dora={cfg.use_dora} but the tree holds {'DoRA' if use_dora else 'LoRA'} adapters")
+
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, tuple[int, float]] = {}  # torch name -> (r', alpha')
+    for path, adapter in found:
+        stack = tuple(adapter.A.shape[: adapter.A.ndim - adapter.layer_ndim])
+        s = float(adapter.scale)
+        rank = int(adapter.A.shape[-1])
+        has_offset = isinstance(adapter, LoraAdapter) and adapter.res_A is not None
+        r_out = rank + (int(adapter.res_A.shape[-1]) if has_offset else 0)
+        if rank == cfg.rank and s == cfg.scale:  # keep the config's own alpha when it describes the layer
+            alpha = cfg.alpha * (math.sqrt(r_out / rank) if cfg.use_rslora else r_out / rank)
+        else:
+            alpha = s * (math.sqrt(r_out) if cfg.use_rslora else r_out)
+        s_out = _peft_scaling(alpha, r_out, cfg.use_rslora)
+        for idx in np.ndindex(*stack):
+            name = torch_name(path_str(path), tuple(int(i) for i in idx))
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"torch_name({path_str(path)!r}, {idx}) returned {name!r}, not a module name")
+            if name in layers:
+                raise ValueError(f"two adapted layers map to the torch module '{name}'; pass a torch_name function")
+            a = _np32(adapter.A[idx])
+            b = _np32(adapter.B[idx])
+            if has_offset:
+                a = np.concatenate([a, _np32(adapter.res_A[idx])], axis=1)
+                b = np.concatenate([b * np.float32(s / s_out) if s != s_out else b,
+                                    -_np32(adapter.res_B[idx]) / np.float32(s_out)], axis=0)
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+            if use_dora:
+                tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = _np32(adapter.m[idx])
+            layers[name] = (r_out, alpha)
+
+    saved_names = []
+    for path, module in _saved_modules(tree):
+        info = _module_stack(module, path, layouts)
+        stack, n_in = (info[0], info[1]) if info is not None else ((), None)
+        mapping = _torch_params(module)
+        for idx in np.ndindex(*stack):
+            name = torch_name(path_str(path), tuple(int(i) for i in idx))
+            saved_names.append(name)
+            for torch_param, (flax_name, transpose) in mapping.items():
+                tensors[f"{_PREFIX}{name}.{torch_param}"] = _per_layer_to_torch(module[flax_name], idx, torch_param,
+                                                                                transpose, n_in)
+
+    r_main = Counter(r for r, _ in layers.values()).most_common(1)[0][0]
+    alpha_main = Counter(a for _, a in layers.values()).most_common(1)[0][0]
+    by_length = sorted(layers, key=lambda n: (-len(n), n))  # peft takes the first matching pattern key
+    rank_pattern = {"^" + re.escape(n): layers[n][0] for n in by_length if layers[n][0] != r_main}
+    alpha_pattern = {"^" + re.escape(n): _json_number(layers[n][1]) for n in by_length if layers[n][1] != alpha_main}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": r_main,
+        "lora_alpha": _json_number(alpha_main),
+        "target_modules": sorted(layers),
+        "exclude_modules": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": bool(cfg.use_rslora),
+        "use_dora": use_dora,
+        "lora_dropout": float(cfg.dropout),
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": sorted(saved_names) or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _write_safetensors(tensors, os.path.join(out_dir, PEFT_WEIGHTS_FILE), {"format": "pt"})
+    with open(os.path.join(out_dir, PEFT_CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _name_index(tree: Mapping, torch_name: TorchName, layouts) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """torch module name -> (Flax module path, layer index), for every module of the tree."""
+    names: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+    for path, module in iter_modules(tree):
+        if not path:
+            continue
+        info = _module_stack(module, path, layouts)
+        stack = info[0] if info is not None else ()
+        for idx in np.ndindex(*stack):
+            names.setdefault(torch_name(path_str(path), tuple(int(i) for i in idx)), (path, tuple(int(i) for i in idx)))
+    return names
+
+
+def import_peft(
+    tree: PyTree,
+    in_dir: str | os.PathLike,
+    *,
+    torch_name: TorchName | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+) -> dict:
+    """Read an HF PEFT LoRA / rsLoRA / DoRA adapter folder onto a params tree.
+
+    Args:
+      tree: a plain Flax params tree, or one already wrapped with adapters of the same shapes (replaced).
+      in_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      torch_name: maps (Flax module path, layer index) to the torch module name; see `default_torch_name`.
+      layouts: optional `Layout` per module path for kernels that are not [*layers, in, out].
+
+    Returns:
+      The tree with a ``LoraAdapter`` (or ``DoraAdapter``) beside each adapted kernel and ``modules_to_save``
+      modules replaced and marked trainable.
+
+    Raises:
+      ValueError: not a LoRA adapter, unsupported options (fan_in_fan_out, lora bias), keys that name no module of
+        the tree, or shapes that do not fit (all listed).
+
+    Example:
+      >>> wrapped = import_peft(params, "out/adapter")
+    """
+    torch_name = torch_name or default_torch_name
+    with open(os.path.join(in_dir, PEFT_CONFIG_FILE)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"only peft_type 'LORA' can be imported, got {config.get('peft_type')!r}")
+    for knob, ok in (("fan_in_fan_out", False), ("lora_bias", False), ("bias", "none")):
+        if config.get(knob, ok) != ok:
+            raise ValueError(f"unsupported peft option {knob}={config[knob]!r} (jgoat imports {knob}={ok!r})")
+    use_rslora, use_dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    dropout = float(config.get("lora_dropout") or 0.0)
+    tensors = safetensors.flax.load_file(os.path.join(in_dir, PEFT_WEIGHTS_FILE))
+
+    tree = _to_dict(tree)
+    names = _name_index(tree, torch_name, layouts)
+    errors: list[str] = []
+    lora: dict[tuple[str, ...], dict[tuple[int, ...], dict[str, Any]]] = {}
+    saved: dict[tuple[str, ...], dict[tuple[int, ...], dict[str, Any]]] = {}
+    for key in sorted(tensors):
+        rest = key[len(_PREFIX):] if key.startswith(_PREFIX) else None
+        hit = None
+        if rest is not None:
+            for suffix, field in _LORA_SUFFIXES:
+                if rest.endswith(suffix) and rest[: -len(suffix)] in names:
+                    hit = (lora, rest[: -len(suffix)], field)
+                    break
+            if hit is None and config.get("modules_to_save") and "." in rest:
+                name, param = rest.rsplit(".", 1)
+                if name in names:
+                    hit = (saved, name, param)
+        if hit is None:
+            errors.append(f"unknown key '{key}' (no module of the tree has that torch name)")
+            continue
+        table, name, field = hit
+        path, idx = names[name]
+        table.setdefault(path, {}).setdefault(idx, {})[field] = (name, tensors[key])
+
+    for path, per_layer in lora.items():
+        module = get_at(tree, path)
+        info = _module_stack(module, path, layouts)
+        if info is None:
+            errors.append(f"'{path_str(path)}' holds no kernel")
+            continue
+        stack, n_in, n_out = info
+        missing = [torch_name(path_str(path), tuple(int(i) for i in idx)) for idx in np.ndindex(*stack)
+                   if tuple(int(i) for i in idx) not in per_layer]
+        if missing:
+            errors.append(f"'{path_str(path)}' is stacked over {stack} but the file lacks layers {missing}")
+            continue
+        a_list, b_list, m_list, scales = [], [], [], set()
+        for idx in np.ndindex(*stack):
+            fields = per_layer[tuple(int(i) for i in idx)]
+            want = ("A", "B", "m") if use_dora else ("A", "B")
+            name = next(iter(fields.values()))[0]
+            if set(fields) != set(want):
+                errors.append(f"'{name}' has {sorted(fields)}, expected {list(want)} (use_dora={use_dora})")
+                continue
+            a, b = fields["A"][1], fields["B"][1]
+            rank = a.shape[0] if a.ndim == 2 else -1
+            expected = {"A": (rank, n_in), "B": (n_out, rank), "m": (n_out,)}
+            bad = [f"{f} {tuple(fields[f][1].shape)} != {expected[f]}" for f in want
+                   if tuple(fields[f][1].shape) != expected[f]]
+            if bad:
+                errors.append(f"shape mismatch at '{name}' [in {n_in}, out {n_out}]: {', '.join(bad)}")
+                continue
+            r_cfg = _pattern_value(rank_pattern, name, config.get("r"))
+            if r_cfg != rank:
+                errors.append(f"'{name}' has rank {rank} but the config says r={r_cfg}")
+                continue
+            alpha = _pattern_value(alpha_pattern, name, config.get("lora_alpha"))
+            scales.add(_peft_scaling(alpha, rank, use_rslora))
+            a_list.append(a.T.astype(jnp.float32))
+            b_list.append(b.T.astype(jnp.float32))
+            if use_dora:
+                m_list.append(fields["m"][1].astype(jnp.float32))
+        if len(a_list) != int(np.prod(stack, dtype=int)):
+            continue
+        if len(scales) != 1 or len({x.shape for x in a_list}) != 1:
+            errors.append(f"the stacked layers of '{path_str(path)}' differ in rank or scaling; jgoat stacks need one")
+            continue
+        existing = module.get(ADAPTER_KEY)
+        kw = dict(A=_restack(a_list, stack), B=_restack(b_list, stack), scale=scales.pop(), dropout=dropout)
+        node = DoraAdapter(m=_restack(m_list, stack), **kw) if use_dora else LoraAdapter(**kw)
+        if isinstance(existing, ADAPTER_TYPES):
+            old = [(f, tuple(getattr(existing, f).shape)) for f in ("A", "B", "m") if hasattr(existing, f)]
+            new = [(f, tuple(getattr(node, f).shape)) for f in ("A", "B", "m") if hasattr(node, f)]
+            if type(existing) is not type(node) or old != new:
+                errors.append(f"'{path_str(path)}' already holds a {type(existing).__name__} {old}; the file gives "
+                              f"{type(node).__name__} {new} (import into the plain params instead)")
+                continue
+        tree = replace_at(tree, path, lambda m, n=node: {**m, ADAPTER_KEY: n})
+
+    for path, per_layer in saved.items():
+        module = get_at(tree, path)
+        info = _module_stack(module, path, layouts)
+        stack, n_in = (info[0], info[1]) if info is not None else ((), None)
+        try:
+            mapping = _torch_params(module)
+        except ValueError as e:
+            errors.append(f"'{path_str(path)}': {e}")
+            continue
+        new = dict(module)
+        for torch_param, (flax_name, transpose) in mapping.items():
+            leaf = module[flax_name]
+            per_shape = leaf.shape[len(stack):]
+            values = []
+            for idx in np.ndindex(*stack):
+                fields = per_layer.get(tuple(int(i) for i in idx), {})
+                name = torch_name(path_str(path), tuple(int(i) for i in idx))
+                if torch_param not in fields:
+                    errors.append(f"modules_to_save '{name}' lacks '{torch_param}'")
+                    continue
+                value = fields[torch_param][1]
+                value = value.T if transpose else value
+                if int(np.prod(value.shape)) != int(np.prod(per_shape, dtype=int)):
+                    errors.append(f"shape mismatch at '{name}.{torch_param}': {tuple(fields[torch_param][1].shape)} "
+                                  f"for Flax '{flax_name}' {per_shape}")
+                    continue
+                values.append(value.reshape(per_shape).astype(leaf.dtype))
+            if len(values) == int(np.prod(stack, dtype=int)):
+                new[flax_name] = values[0] if not stack else jnp.stack(values).reshape(leaf.shape)
+        extra = {p for fields in per_layer.values() for p in fields} - set(mapping)
+        if extra:
+            errors.append(f"modules_to_save '{path_str(path)}' has unknown parameters {sorted(extra)}")
+        new[ADAPTER_KEY] = TrainModule()
+        tree = replace_at(tree, path, lambda m, n=new: n)
+
+    if errors:
+        raise ValueError(f"cannot import the peft adapter in {in_dir}:\n  " + "\n  ".join(errors))
+    if not lora:
+        raise ValueError(f"{in_dir} holds no LoRA weights")
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GOAT's own format
+
+
+def _jgoat_version() -> str:
+    try:
+        from jgoat import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover - partially initialised package
+        return "unknown"
+
+
+def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fingerprint: str) -> None:
+    """Write the GOAT adapters (and modules_to_save) of a wrapped tree in jgoat's GOAT format (module docstring).
+
+    Args:
+      tree: a tree wrapped with ``cfg`` (possibly trained).
+      cfg: the ``jgoat.GoatConfig`` (or ``MoLoraConfig``) it was wrapped with; every knob is recorded.
+      out_dir: folder to create / overwrite ``goat_config.json`` and ``goat_adapter.safetensors`` in.
+      fingerprint: the base model's fingerprint; `import_goat` refuses any other base.
+
+    Raises:
+      ValueError: no GOAT adapter, non-GOAT adapters in the tree, or adapters whose knobs contradict ``cfg``.
+
+    Example:
+      >>> export_goat(wrapped, cfg, "out/goat", fingerprint=fp)
+    """
+    if not isinstance(cfg, GoatConfig):
+        raise ValueError(f"export_goat needs the jgoat.GoatConfig the tree was wrapped with, got {type(cfg).__name__}")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ValueError("fingerprint must be a non-empty string identifying the base weights")
+    tree = _to_dict(tree)
+    found = _all_adapters(tree)
+    other = [path_str(p) for p, a in found if not isinstance(a, GoatAdapter)]
+    if other:
+        raise ValueError(f"the tree holds non-GOAT adapters at {', '.join(other[:4])}; use export_peft for those")
+    if not found:
+        raise ValueError("the tree holds no GOAT adapter: wrap it with a jgoat.GoatConfig first")
+    tensors: dict[str, Any] = {}
+    modules = []
+    for path, adapter in found:
+        p = path_str(path)
+        knobs = dict(top_k=cfg.top_k, dropout=cfg.dropout, dropout_mode=cfg.dropout_mode, aux_form=cfg.aux_form)
+        bad = [f"{k}={getattr(adapter, k)!r}" for k, v in knobs.items() if getattr(adapter, k) != v]
+        if adapter.router.shape[-1] != cfg.experts or adapter.A.shape[-1] != cfg.expert_rank:
+            bad.append(f"experts x rank {adapter.A.shape[-3]} x {adapter.A.shape[-1]}")
+        if bad:
+            raise ValueError(f"the GOAT adapter at '{p}' does not match cfg ({', '.join(bad)})")
+        for field in _GOAT_FIELDS:
+            value = getattr(adapter, field)
+            if value is not None:
+                tensors[f"{p}/{ADAPTER_KEY}/{field}"] = value
+        modules.append({
+            "path": p,
+            "stack": list(adapter.A.shape[: adapter.A.ndim - adapter.layer_ndim]),
+            "in_features": int(adapter.A.shape[-2]),
+            "out_features": int(adapter.B.shape[-1]),
+            "scale": float(adapter.scale),
+        })
+    saved = []
+    for path, module in _saved_modules(tree):
+        saved.append(path_str(path))
+        for sub, value in _module_params(module):
+            tensors[path_str((*path, *sub))] = value
+    config = {
+        "format": GOAT_FORMAT,
+        "format_version": GOAT_FORMAT_VERSION,
+        "jgoat_version": _jgoat_version(),
+        "base_fingerprint": fingerprint,
+        "config_class": type(cfg).__name__ if type(cfg).__name__ in _GOAT_CLASSES else "GoatConfig",
+        "config": dataclasses.asdict(cfg),
+        "modules": modules,
+        "modules_to_save": saved,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
+                               os.path.join(out_dir, GOAT_WEIGHTS_FILE),
+                               metadata={"format": GOAT_FORMAT, "format_version": str(GOAT_FORMAT_VERSION)})
+    with open(os.path.join(out_dir, GOAT_CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def import_goat(params: PyTree, in_dir: str | os.PathLike, *, fingerprint: str) -> tuple[dict, GoatConfig]:
+    """Rebuild the GOAT adapters saved by `export_goat` onto ``params`` (plain or wrapped; nothing is re-derived).
+
+    Args:
+      params: the base params (the same base the adapter was trained on), plain or already wrapped.
+      in_dir: folder with ``goat_config.json`` and ``goat_adapter.safetensors``.
+      fingerprint: the fingerprint of ``params``; must equal the recorded one.
+
+    Returns:
+      (wrapped tree, the recorded config).
+
+    Raises:
+      ValueError: fingerprint mismatch, unknown format version, missing modules, shape mismatches, unknown tensors.
+
+    Example:
+      >>> wrapped, cfg = import_goat(params, "out/goat", fingerprint=fp)
+    """
+    with open(os.path.join(in_dir, GOAT_CONFIG_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format") != GOAT_FORMAT or meta.get("format_version") != GOAT_FORMAT_VERSION:
+        raise ValueError(f"{in_dir} is not a jgoat GOAT adapter of format version {GOAT_FORMAT_VERSION} "
+                         f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
+    if meta["base_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"base fingerprint mismatch: the GOAT adapter in {in_dir} was trained on a base with fingerprint "
+            f"{meta['base_fingerprint']!r}, these params have {fingerprint!r}. Its frozen residual offset was derived "
+            "from that exact base (SVD of its weights); load the same base weights")
+    cls = _GOAT_CLASSES.get(meta.get("config_class"), GoatConfig)
+    cfg = cls(**meta["config"])
+    tensors = safetensors.flax.load_file(os.path.join(in_dir, GOAT_WEIGHTS_FILE))
+    used: set[str] = set()
+    errors: list[str] = []
+    tree = _to_dict(params)
+    for entry in meta["modules"]:
+        p, stack = entry["path"], tuple(entry["stack"])
+        n_in, n_out = entry["in_features"], entry["out_features"]
+        path = tuple(p.split("/"))
+        try:
+            module = get_at(tree, path)
+        except (KeyError, TypeError):
+            errors.append(f"params have no module '{p}'")
+            continue
+        kernel = module.get("kernel") if isinstance(module, Mapping) else None
+        if not _is_array(kernel) or tuple(kernel.shape[: len(stack)]) != stack or \
+                int(np.prod(kernel.shape)) != int(np.prod(stack, dtype=int)) * n_in * n_out:
+            errors.append(f"'{p}': kernel {None if kernel is None else tuple(kernel.shape)} does not fit the saved "
+                          f"adapter (stack {stack}, in {n_in}, out {n_out})")
+            continue
+        e, d = cfg.experts, cfg.expert_rank
+        expected = {"A": (*stack, e, n_in, d), "B": (*stack, e, d, n_out), "router": (*stack, n_in, e),
+                    "res_A": (*stack, n_in, e * d), "res_B": (*stack, e * d, n_out)}
+        fields = {}
+        for field in _GOAT_FIELDS:
+            key = f"{p}/{ADAPTER_KEY}/{field}"
+            if key not in tensors:
+                if field in ("res_A", "res_B"):
+                    fields[field] = None
+                    continue
+                errors.append(f"missing tensor '{key}'")
+                continue
+            used.add(key)
+            if tuple(tensors[key].shape) != expected[field]:
+                errors.append(f"'{key}' has shape {tuple(tensors[key].shape)}, expected {expected[field]}")
+            fields[field] = tensors[key]
+        if (fields.get("res_A") is None) != (fields.get("res_B") is None):
+            errors.append(f"'{p}': res_A and res_B must be both present or both absent")
+        if len(fields) != len(_GOAT_FIELDS):
+            continue
+        node = GoatAdapter(**fields, scale=entry["scale"], top_k=cfg.top_k, dropout=cfg.dropout,
+                           dropout_mode=cfg.dropout_mode, aux_form=cfg.aux_form)
+        tree = replace_at(tree, path, lambda m, n=node: {**m, ADAPTER_KEY: n})
+    for p in meta.get("modules_to_save", []):
+        path = tuple(p.split("/"))
+        try:
+            module = get_at(tree, path)
+        except (KeyError, TypeError):
+            errors.append(f"params have no module '{p}' (modules_to_save)")
+            continue
+        new = _to_dict(module)
+        for sub, leaf in _module_params(module):
+            key = path_str((*path, *sub))
+            if key not in tensors:
+                errors.append(f"missing tensor '{key}' (modules_to_save)")
+                continue
+            used.add(key)
+            if tuple(tensors[key].shape) != tuple(leaf.shape):
+                errors.append(f"'{key}' has shape {tuple(tensors[key].shape)}, params have {tuple(leaf.shape)}")
+                continue
+            new = replace_at(new, sub[:-1], lambda m, k=sub[-1], v=tensors[key]: {**m, k: v})
+        new[ADAPTER_KEY] = TrainModule()
+        tree = replace_at(tree, path, lambda m, n=new: n)
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        errors.append(f"unknown tensors {unknown}")
+    if errors:
+        raise ValueError(f"cannot import the GOAT adapter in {in_dir}:\n  " + "\n  ".join(errors))
+    return tree, cfg

@@ -1,0 +1,467 @@
+"""jgoat.interop: HF PEFT export/import proven by ``peft.PeftModel.from_pretrained`` logits, and the GOAT format.
+
+Tolerance for logits (fp32): jgoat and torch evaluate the same algebra with different summation orders over
+widths ≤ 40 and O(1) values; the worst-case rounding bound is ~ n·u·Σ|terms| ≈ 40 · 6e-8 · O(1) ≈ 3e-6, so
+``ATOL = RTOL = 2e-5`` leaves a few times that margin. PiSSA-family exports add one rounding of B' = −res_B / s'
+(relative 6e-8), far inside it. Round trips through the files are exact (transposes and concatenations only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import jgoat
+from jgoat.adapters import TrainModule
+from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+IN, HID, OUT, N_CLS = 24, 40, 16, 3
+D, F, L = 16, 32, 3  # stacked model: width, hidden, layers
+ATOL = RTOL = 2e-5
+ADAPTERS = (jgoat.LoraAdapter, jgoat.DoraAdapter, jgoat.GoatAdapter)
+
+
+class TorchMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(IN, HID)
+        self.fc2 = torch.nn.Linear(HID, OUT)
+        self.head = torch.nn.Linear(OUT, N_CLS)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
+
+
+class FlaxMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(HID, name="fc1")(x), approximate=False)
+        return nn.Dense(N_CLS, name="head")(jnp.tanh(nn.Dense(OUT, name="fc2")(h)))
+
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(D, F)
+        self.fc2 = torch.nn.Linear(F, D)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class TorchStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([TorchBlock() for _ in range(L)])
+        self.head = torch.nn.Linear(D, N_CLS)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class FlaxBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.gelu(nn.Dense(F, name="fc1")(x), approximate=False)
+        return x + nn.Dense(D, name="fc2")(h), None
+
+
+class FlaxStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(FlaxBlock, variable_axes={"params": 0, "jgoat_aux": 0}, split_rngs={"params": True},
+                       length=L)
+        x, _ = scan(name="layers")(x, None)
+        return nn.Dense(N_CLS, name="head")(x)
+
+
+class Outer(torch.nn.Module):
+    """The MLP one level down (torch names net.fc1, ...): needs a custom torch_name."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.net = inner
+
+    def forward(self, x):
+        return self.net(x)
+
+
+MAX_DEV: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    print("\nmax |jgoat - peft| logits:")
+    for name, dev in sorted(MAX_DEV.items()):
+        print(f"  {name:<40} {dev:.3e}")
+
+
+def _close(label: str, got, want) -> None:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    MAX_DEV[label] = max(MAX_DEV.get(label, 0.0), float(np.max(np.abs(got - want))))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL, err_msg=label)
+
+
+def _t2n(t) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def _linear_params(linear) -> dict:
+    return {"kernel": jnp.asarray(_t2n(linear.weight).T), "bias": jnp.asarray(_t2n(linear.bias))}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = TorchMLP()
+    return model, {name: _linear_params(getattr(model, name)) for name in ("fc1", "fc2", "head")}
+
+
+def _stack():
+    torch.manual_seed(1)
+    model = TorchStack()
+    per_layer = {name: [_linear_params(getattr(block, name)) for block in model.layers] for name in ("fc1", "fc2")}
+    layers = {name: {k: jnp.stack([p[k] for p in ps]) for k in ("kernel", "bias")} for name, ps in per_layer.items()}
+    return model, {"layers": layers, "head": _linear_params(model.head)}
+
+
+def _fresh(model_fn):
+    """A new torch twin with the same weights (PeftModel.from_pretrained edits its model in place)."""
+    return model_fn()[0]
+
+
+def _perturb(tree, seed: int, steps: int = 3, size: float = 0.05):
+    """A few random 'training steps' away from init on every trainable adapter array and modules_to_save param.
+
+    numpy noise (eager jax.random on many shapes would compile a kernel per shape).
+    """
+    rng = np.random.default_rng(seed)
+
+    def noisy(x):
+        x = np.asarray(x)
+        for _ in range(steps):
+            x = x + size * rng.standard_normal(x.shape)
+        return jnp.asarray(x, jnp.float32)
+
+    def visit(node, saved=False):
+        if isinstance(node, dict):
+            saved = saved or isinstance(node.get("jgoat"), TrainModule)
+            return {n: visit(node[n], saved) for n in sorted(node)}
+        if isinstance(node, ADAPTERS):
+            return node.replace(**{f: noisy(getattr(node, f)) for f in type(node).trainable})
+        if saved and hasattr(node, "shape"):
+            return noisy(node)
+        return node
+
+    return visit(tree)
+
+
+def _x(shape, seed=2):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+_FORWARD = {}
+
+
+def _jgoat_logits(model, tree, x):
+    """One jitted forward per model class, so trees of the same structure reuse the compiled function."""
+    if type(model) not in _FORWARD:
+        _FORWARD[type(model)] = jax.jit(jgoat.apply(model.apply))
+    out, _ = _FORWARD[type(model)]({"params": tree}, jnp.asarray(x))
+    return np.asarray(out)
+
+
+def _peft_logits(torch_model, folder, x):
+    loaded = peft.PeftModel.from_pretrained(torch_model, folder)
+    loaded.eval()
+    with torch.no_grad():
+        return _t2n(loaded(torch.from_numpy(x))), loaded
+
+
+def _config(folder) -> dict:
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF PEFT
+
+
+GOAT_CFG = jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets=["fc1", "fc2"], modules_to_save=["head"])
+
+
+METHODS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "pissa": {"init": "pissa"},
+    "milora": {"init": "milora"},
+    "olora": {"init": "olora"},
+}
+
+
+@pytest.mark.parametrize("tag", list(METHODS))
+def test_export_peft_loads_in_peft(tag, tmp_path):
+    base, params = _mlp()
+    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1", "fc2"], **METHODS[tag])
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 1)
+    export_peft(wrapped, cfg, tmp_path, base_model_name_or_path="tiny-mlp")
+
+    conf = _config(tmp_path)
+    offset = cfg.init in ("pissa", "milora", "olora")
+    assert conf["peft_type"] == "LORA" and conf["task_type"] is None and conf["bias"] == "none"
+    assert conf["r"] == (8 if offset else 4) and conf["init_lora_weights"] is True
+    assert conf["target_modules"] == ["fc1", "fc2"] and conf["base_model_name_or_path"] == "tiny-mlp"
+    assert conf["use_rslora"] is cfg.use_rslora and conf["use_dora"] is cfg.use_dora
+    assert conf["lora_dropout"] == 0.0 and conf["modules_to_save"] is None
+    assert conf["rank_pattern"] == {} and conf["alpha_pattern"] == {}
+    keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
+    expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in ("fc1", "fc2") for ab in "AB"}
+    if cfg.use_dora:
+        expected |= {f"base_model.model.{n}.lora_magnitude_vector" for n in ("fc1", "fc2")}
+    assert keys == expected
+
+    x = _x((2, 5, IN))
+    want = _jgoat_logits(FlaxMLP(), wrapped, x)
+    got, loaded = _peft_logits(_fresh(_mlp), tmp_path, x)
+    assert not np.allclose(want, _jgoat_logits(FlaxMLP(), params, x), atol=1e-3)  # the adapter matters
+    _close(f"export {tag}: peft logits", got, want)
+    # peft's scaling reproduces the adapter's (and the doubled alpha of the converted offset keeps s' = s)
+    assert loaded.base_model.model.fc1.scaling["default"] == pytest.approx(cfg.scale, rel=1e-12)
+
+    imported = import_peft(params, tmp_path)
+    if not offset:
+        chex.assert_trees_all_equal(imported, wrapped)  # exact, static fields (scale, dropout) included
+        chex.assert_trees_all_equal(import_peft(wrapped, tmp_path), wrapped)
+    else:  # the exported file is a plain rank-2r LoRA on the unmodified base: same function, same merge
+        node = imported["fc1"]["jgoat"]
+        assert isinstance(node, jgoat.LoraAdapter) and node.res_A is None and node.A.shape == (IN, 8)
+        _close(f"export {tag}: re-imported logits", _jgoat_logits(FlaxMLP(), imported, x), want)
+        merged_a, merged_b = jgoat.merge(imported), jgoat.merge(wrapped)
+        for name in ("fc1", "fc2"):
+            np.testing.assert_allclose(merged_a[name]["kernel"], merged_b[name]["kernel"], atol=1e-6, rtol=0)
+
+
+def test_stacked_scan_export_per_layer(tmp_path):
+    base, params = _stack()
+    cfg = jgoat.LoraConfig(rank=4, alpha=4.0, targets=["fc1", "fc2"])
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 3)
+    assert wrapped["layers"]["fc1"]["jgoat"].A.shape == (L, D, 4)
+    export_peft(wrapped, cfg, tmp_path)
+    conf = _config(tmp_path)
+    assert conf["target_modules"] == sorted(f"layers.{i}.{n}" for i in range(L) for n in ("fc1", "fc2"))
+    keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
+    assert "base_model.model.layers.2.fc2.lora_B.weight" in keys and len(keys) == 4 * L
+
+    x = _x((2, 5, D))
+    want = _jgoat_logits(FlaxStack(), wrapped, x)
+    got, _ = _peft_logits(_fresh(_stack), tmp_path, x)
+    _close("stacked lora: peft logits", got, want)
+    chex.assert_trees_all_equal(import_peft(params, tmp_path), wrapped)  # restacked exactly
+
+
+def test_stacked_pissa_export(tmp_path):
+    base, params = _stack()
+    cfg = jgoat.LoraConfig(rank=2, alpha=4.0, init="pissa", use_rslora=True, targets=["fc1", "fc2"])
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 4)
+    export_peft(wrapped, cfg, tmp_path)
+    conf = _config(tmp_path)
+    assert conf["r"] == 4 and conf["lora_alpha"] == pytest.approx(4.0 * 2**0.5) and conf["use_rslora"] is True
+    x = _x((3, D))
+    got, _ = _peft_logits(_fresh(_stack), tmp_path, x)
+    _close("stacked pissa+rslora: peft logits", got, _jgoat_logits(FlaxStack(), wrapped, x))
+
+
+def test_custom_torch_name(tmp_path):
+    base, params = _mlp()
+    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1", "fc2"], use_dora=True)
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 5)
+
+    def torch_name(path, index):
+        return "net." + default_torch_name(path, index)
+
+    export_peft(wrapped, cfg, tmp_path, torch_name=torch_name)
+    assert _config(tmp_path)["target_modules"] == ["net.fc1", "net.fc2"]
+    x = _x((4, IN))
+    got, _ = _peft_logits(Outer(_fresh(_mlp)), tmp_path, x)
+    _close("custom torch_name dora: peft logits", got, _jgoat_logits(FlaxMLP(), wrapped, x))
+    chex.assert_trees_all_equal(import_peft(params, tmp_path, torch_name=torch_name), wrapped)
+    with pytest.raises(ValueError, match="unknown key 'base_model.model.net.fc1.lora_A.weight'"):
+        import_peft(params, tmp_path)  # default names: net.* names no module
+
+
+def test_modules_to_save(tmp_path):
+    base, params = _mlp()
+    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1", "fc2"], modules_to_save=["head"])
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 6)
+    assert not np.array_equal(wrapped["head"]["kernel"], params["head"]["kernel"])
+    export_peft(wrapped, cfg, tmp_path)
+    assert _config(tmp_path)["modules_to_save"] == ["head"]
+    keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
+    assert {"base_model.model.head.weight", "base_model.model.head.bias"} <= keys  # peft's naming (no infix)
+    x = _x((4, IN))
+    got, loaded = _peft_logits(_fresh(_mlp), tmp_path, x)
+    _close("modules_to_save: peft logits", got, _jgoat_logits(FlaxMLP(), wrapped, x))
+    np.testing.assert_array_equal(_t2n(loaded.base_model.model.head.modules_to_save["default"].weight).T,
+                                  wrapped["head"]["kernel"])
+    chex.assert_trees_all_equal(import_peft(params, tmp_path), wrapped)
+
+
+def test_mixed_ranks_use_patterns(tmp_path):
+    base, params = _mlp()
+    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1"])
+    tree = jgoat.wrap(params, cfg, key=jax.random.key(0))
+    tree = jgoat.wrap(tree, jgoat.LoraConfig(rank=2, alpha=3.0, targets=["fc2"]), key=jax.random.key(1))
+    tree = _perturb(tree, 7)
+    export_peft(tree, cfg, tmp_path)
+    conf = _config(tmp_path)
+    assert len(conf["rank_pattern"]) == 1 and len(conf["alpha_pattern"]) == 1  # one of the two layers deviates
+    x = _x((4, IN))
+    got, loaded = _peft_logits(_fresh(_mlp), tmp_path, x)
+    assert loaded.base_model.model.fc2.r["default"] == 2 and loaded.base_model.model.fc1.r["default"] == 4
+    _close("mixed ranks: peft logits", got, _jgoat_logits(FlaxMLP(), tree, x))
+    chex.assert_trees_all_equal(import_peft(params, tmp_path), tree)
+
+
+def test_import_peft_saved_by_peft(tmp_path):
+    """A folder written by peft itself (DoRA + rsLoRA, trained weights) imports into matching jgoat logits."""
+    base, params = _mlp()
+    model = peft.get_peft_model(_fresh(_mlp), peft.LoraConfig(r=4, lora_alpha=6, target_modules=["fc1", "fc2"],
+                                                              use_dora=True, use_rslora=True, lora_dropout=0.1))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(tmp_path)
+    model.eval()
+    x = _x((4, IN))
+    with torch.no_grad():
+        want = _t2n(model(torch.from_numpy(x)))
+    tree = import_peft(params, tmp_path)
+    node = tree["fc1"]["jgoat"]
+    assert isinstance(node, jgoat.DoraAdapter) and node.scale == 6 / 2 and node.dropout == 0.1
+    _close("import peft-saved dora+rslora: logits", _jgoat_logits(FlaxMLP(), tree, x), want)
+
+
+def test_export_peft_errors(tmp_path):
+    base, params = _mlp()
+    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1", "fc2"])
+    with pytest.raises(ValueError, match="no LoRA-family adapter"):
+        export_peft(params, cfg, tmp_path)
+    goat = jgoat.wrap(params, GOAT_CFG, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="GOAT"):
+        export_peft(goat, cfg, tmp_path)
+    dora = jgoat.wrap(params, jgoat.LoraConfig(rank=4, alpha=8.0, use_dora=True, targets=["fc1", "fc2"]),
+                      key=jax.random.key(0))
+    with pytest.raises(ValueError, match="use_dora"):
+        export_peft(dora, cfg, tmp_path)
+    with pytest.raises(ValueError, match="map to the torch module"):
+        export_peft(jgoat.wrap(params, cfg, key=jax.random.key(0)), cfg, tmp_path, torch_name=lambda p, i: "x")
+
+
+def test_import_peft_errors(tmp_path):
+    base, params = _mlp()
+    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1", "fc2"])
+    wrapped = jgoat.wrap(params, cfg, key=jax.random.key(0))
+    export_peft(wrapped, cfg, tmp_path)
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    tensors = load_file(path)
+    # a module the tree lacks
+    save_file({**tensors, "base_model.model.fc9.lora_A.weight": np.zeros((4, 3), np.float32)}, path)
+    with pytest.raises(ValueError, match=r"unknown key 'base_model.model.fc9.lora_A.weight'"):
+        import_peft(params, tmp_path)
+    # a base of other shapes: every mismatching tensor is listed
+    save_file(tensors, path)
+    other = {**params, "fc1": {"kernel": jnp.zeros((IN + 1, HID)), "bias": jnp.zeros((HID,))},
+             "fc2": {"kernel": jnp.zeros((HID, OUT + 2)), "bias": jnp.zeros((OUT + 2,))}}
+    with pytest.raises(ValueError, match=r"(?s)shape mismatch at 'fc1'.*A \(4, 24\) != \(4, 25\).*"
+                                         r"shape mismatch at 'fc2'.*B \(16, 4\) != \(18, 4\)"):
+        import_peft(other, tmp_path)
+    # a wrapped tree whose adapters are of another kind
+    dora = jgoat.wrap(params, jgoat.LoraConfig(rank=4, alpha=8.0, use_dora=True, targets=["fc1", "fc2"]),
+                      key=jax.random.key(0))
+    with pytest.raises(ValueError, match="already holds a DoraAdapter"):
+        import_peft(dora, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GOAT format
+
+
+def test_goat_round_trip_exact(tmp_path):
+    base, params = _mlp()
+    wrapped = _perturb(jgoat.wrap(params, GOAT_CFG, key=jax.random.key(0)), 8)
+    export_goat(wrapped, GOAT_CFG, tmp_path, fingerprint="sha256:base-a")
+    with open(os.path.join(tmp_path, "goat_config.json")) as f:
+        meta = json.load(f)
+    assert meta["format_version"] == 1 and meta["base_fingerprint"] == "sha256:base-a"
+    assert meta["jgoat_version"] == jgoat.__version__ and meta["config_class"] == "GoatConfig"
+    assert set(meta["config"]) >= {"rank", "experts", "top_k", "init", "scaling", "alpha", "eta", "rho",
+                                   "init_cof", "aux_form", "dropout_mode", "targets", "dropout"}
+    assert [(m["path"], m["stack"]) for m in meta["modules"]] == [("fc1", []), ("fc2", [])]
+    keys = set(load_file(os.path.join(tmp_path, "goat_adapter.safetensors")))
+    assert {"fc1/jgoat/router", "fc1/jgoat/res_A", "fc2/jgoat/res_B", "head/kernel", "head/bias"} <= keys
+
+    for onto in (params, jgoat.wrap(params, GOAT_CFG, key=jax.random.key(9))):
+        tree, cfg = import_goat(onto, tmp_path, fingerprint="sha256:base-a")
+        assert cfg == GOAT_CFG
+        chex.assert_trees_all_equal(tree, wrapped)
+    x = _x((4, IN))
+    np.testing.assert_array_equal(_jgoat_logits(FlaxMLP(), tree, x), _jgoat_logits(FlaxMLP(), wrapped, x))
+
+
+def test_goat_fingerprint_mismatch(tmp_path):
+    base, params = _mlp()
+    wrapped = jgoat.wrap(params, GOAT_CFG, key=jax.random.key(0))
+    export_goat(wrapped, GOAT_CFG, tmp_path, fingerprint="sha256:base-a")
+    with pytest.raises(ValueError, match="fingerprint mismatch.*'sha256:base-a'.*'sha256:base-b'"):
+        import_goat(params, tmp_path, fingerprint="sha256:base-b")
+
+
+def test_goat_stacked_and_molora(tmp_path):
+    base, params = _stack()
+    cfg = jgoat.MoLoraConfig(rank=8, experts=4, top_k=1, targets=["fc1", "fc2"], dropout=0.05)
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 10)
+    export_goat(wrapped, cfg, tmp_path, fingerprint="fp")
+    with open(os.path.join(tmp_path, "goat_config.json")) as f:
+        meta = json.load(f)
+    assert [m["stack"] for m in meta["modules"]] == [[L], [L]]
+    tree, cfg2 = import_goat(params, tmp_path, fingerprint="fp")
+    assert type(cfg2) is jgoat.MoLoraConfig and cfg2 == cfg
+    chex.assert_trees_all_equal(tree, wrapped)  # no residual for init="zero": absent in the file, None here
+    assert tree["layers"]["fc1"]["jgoat"].res_A is None
+
+
+def test_goat_errors(tmp_path):
+    base, params = _mlp()
+    lora = jgoat.wrap(params, jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1", "fc2"]), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="non-GOAT"):
+        export_goat(lora, GOAT_CFG, tmp_path, fingerprint="fp")
+    with pytest.raises(ValueError, match="no GOAT adapter"):
+        export_goat(params, GOAT_CFG, tmp_path, fingerprint="fp")
+    wrapped = jgoat.wrap(params, GOAT_CFG, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="does not match cfg"):
+        export_goat(wrapped, jgoat.GoatConfig(rank=8, experts=4, top_k=1, targets=["fc1"]), tmp_path,
+                    fingerprint="fp")
+    export_goat(wrapped, GOAT_CFG, tmp_path, fingerprint="fp")
+    other = {**params, "fc1": {"kernel": jnp.zeros((IN, HID + 1)), "bias": jnp.zeros((HID + 1,))}}
+    with pytest.raises(ValueError, match="'fc1': kernel"):
+        import_goat(other, tmp_path, fingerprint="fp")
+    path = os.path.join(tmp_path, "goat_adapter.safetensors")
+    save_file({**load_file(path), "fc9/jgoat/A": np.zeros((1,), np.float32)}, path)
+    with pytest.raises(ValueError, match=r"unknown tensors \['fc9/jgoat/A'\]"):
+        import_goat(params, tmp_path, fingerprint="fp")
