@@ -9,7 +9,7 @@ from jgoat.adapters import DoraAdapter, GoatAdapter, GoatConfig, LoraAdapter, Lo
 from jgoat.apply import apply, probe, register_linear
 from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
-from jgoat.train import TrainState, adamw_cosine, freeze_base, train_step
+from jgoat.train import TrainState, adamw_cosine, cosine_schedule, freeze_base, train_step
 from jgoat.wrap import adapters, combine, mark_trainable, merge, split, summary, trainable_mask, unmerge, wrap
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "adapters",
     "apply",
     "combine",
+    "cosine_schedule",
     "default_torch_name",
     "export_goat",
     "export_peft",

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from jgoat._tree import ADAPTER_KEY, Layout, get_at
-from jgoat.adapters import ADAPTER_TYPES
+from jgoat.adapters import ADAPTER_TYPES, GoatAdapter
 from jgoat.adapters.base import Context
 
 AUX_COLLECTION = "jgoat_aux"
+LOAD_COLLECTION = "jgoat_load"
 
 
 def _dense_n_in(module: nn.Dense) -> int:
@@ -75,7 +76,7 @@ def _flatten_in(x: jax.Array, in_features: int, path: str) -> tuple[jax.Array, t
     raise ValueError(f"adapter at '{path}' expects {in_features} input features, got input of shape {x.shape}")
 
 
-def _interceptor(token_mask: jax.Array | None):
+def _interceptor(token_mask: jax.Array | None, collect_load: bool):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or _linear_n_in(module) is None or module.scope is None:
@@ -106,9 +107,21 @@ def _interceptor(token_mask: jax.Array | None):
         y_TxO, aux = adapter.forward(x_TxI, y_TxO, ctx)
         if aux is not None:
             module.sow(AUX_COLLECTION, "aux", aux)
+        if collect_load and isinstance(adapter, GoatAdapter):
+            module.sow(LOAD_COLLECTION, "load", expert_load(adapter, x_TxI, ctx.token_mask_T))
         return y_TxO.reshape(y.shape)
 
     return intercept
+
+
+def expert_load(adapter: GoatAdapter, x_TxI: jax.Array, token_mask_T: jax.Array | None) -> jax.Array:
+    """Fraction of (unmasked) tokens' top-k slots that go to each expert, [E]; uniform load is 1/E."""
+    _, gates_TxE, _ = adapter.route(x_TxI)
+    chosen_TxE = (gates_TxE > 0).astype(jnp.float32)
+    if token_mask_T is None:
+        return jnp.mean(chosen_TxE, axis=0) / adapter.top_k
+    m_T = token_mask_T.astype(jnp.float32)
+    return jnp.sum(chosen_TxE * m_T[:, None], axis=0) / (jnp.maximum(jnp.sum(m_T), 1.0) * adapter.top_k)
 
 
 def _mask_for(token_mask, lead: tuple[int, ...], path: str):
@@ -125,7 +138,7 @@ def _mask_for(token_mask, lead: tuple[int, ...], path: str):
     return token_mask.reshape(-1)
 
 
-def apply(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, jax.Array]]:
+def apply(apply_fn: Callable[..., Any], *, collect_load: bool = False) -> Callable[..., tuple[Any, ...]]:
     """Wrap a linen ``apply`` so adapters in the params are live; returns ``(output, aux)``.
 
     ``aux`` is the GOAT auxiliary load-balancing loss summed over all GOAT layers (0.0 without GOAT).
@@ -140,6 +153,9 @@ def apply(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, jax.Array]]:
     Models that use ``nn.scan`` must list ``'jgoat_aux'`` in its ``variable_axes`` (e.g. ``{'params': 0,
     'jgoat_aux': 0}``) for GOAT's aux loss to flow out of the scan.
 
+    With ``collect_load=True`` a third output maps each GOAT layer's module path to its expert load [*L, E]
+    (fraction of top-k slots per expert over the unmasked tokens; scanned models must also list 'jgoat_load').
+
     Example:
       >>> out, aux = jgoat.apply(model.apply)({"params": wrapped}, x)
     """
@@ -153,12 +169,18 @@ def apply(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, jax.Array]]:
             collections = True
         else:
             collections = [*([mutable] if isinstance(mutable, str) else mutable), AUX_COLLECTION]
-        with nn.intercept_methods(_interceptor(aux_mask)):
+        if collect_load and collections is not True:
+            collections = [*collections, LOAD_COLLECTION]
+        with nn.intercept_methods(_interceptor(aux_mask, collect_load)):
             out, state = apply_fn(variables, *args, mutable=collections, **kwargs)
         state = dict(state)
         aux_tree = state.pop(AUX_COLLECTION, {})
         aux = sum((jnp.sum(v) for v in jax.tree.leaves(aux_tree)), jnp.zeros((), jnp.float32))
-        return (out, aux) if extra is False else (out, aux, state)
+        outputs = (out, aux)
+        if collect_load:
+            flat = jax.tree_util.tree_flatten_with_path(state.pop(LOAD_COLLECTION, {}))[0]
+            outputs += ({"/".join(str(k.key) for k in path[:-2]): v for path, v in flat},)
+        return outputs if extra is False else (*outputs, state)
 
     return wrapped
 

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
 import time
 from typing import Any
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 import jgoat
 from jgoat import data as data_lib
 from jgoat.adapters.base import AdapterConfig
+from jgoat.plots import plot_results, plot_run
+from jgoat.train import cosine_schedule
 
 METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "frozen")
 
@@ -90,14 +93,20 @@ def classification_loss(model, params, batch, rng, *, aux_count_padding: bool):
     return jnp.mean(ce), aux
 
 
-def evaluate(model, params, ids, mask, labels, batch_size: int = 256) -> float:
+def evaluate(model, params, ids, mask, labels, batch_size: int = 250) -> tuple[float, dict[str, np.ndarray]]:
+    """Test accuracy and, for GOAT layers, the expert load over the real (unpadded) test tokens."""
     @jax.jit
     def predict(p, i, m):
-        return jnp.argmax(model.apply({"params": p}, i, m), axis=-1)
+        logits, _, load = jgoat.apply(model.apply, collect_load=True)({"params": p}, i, m, aux_mask=m)
+        return jnp.argmax(logits, axis=-1), load
 
-    preds = [np.asarray(predict(params, ids[s:s + batch_size], mask[s:s + batch_size]))
-             for s in range(0, len(ids), batch_size)]
-    return float(np.mean(np.concatenate(preds) == labels))
+    preds, loads = [], []
+    for s in range(0, len(ids), batch_size):
+        pred, load = predict(params, ids[s:s + batch_size], mask[s:s + batch_size])
+        preds.append(np.asarray(pred))
+        loads.append(load)
+    mean_load = {k: np.mean([np.asarray(x[k]) for x in loads], axis=0) for k in loads[0]}
+    return float(np.mean(np.concatenate(preds) == labels)), mean_load
 
 
 def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_lib.TextClassificationData,
@@ -109,6 +118,7 @@ def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_li
     wrapped = jgoat.wrap(params, cfg, key=key) if cfg is not None else jgoat.mark_trainable(params, ["classifier"])
     trainable, frozen = jgoat.split(wrapped)
     tx = jgoat.adamw_cosine(lr, args.steps, warmup_ratio=args.warmup_ratio)
+    schedule = cosine_schedule(lr, args.steps, warmup_ratio=args.warmup_ratio)
     state = jgoat.TrainState.create(trainable, tx)
     ckpt = out / "checkpoints"
     start = 0
@@ -124,18 +134,22 @@ def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_li
     step_fn = jax.jit(functools.partial(jgoat.train_step, loss_fn=loss_fn, tx=tx, aux_coeff=args.aux_coeff))
     n = len(data.train_labels)
     metrics_path = out / "metrics.jsonl"
-    log = open(metrics_path, "a" if args.resume else "w")
+    kept = [line for line in (metrics_path.read_text().splitlines() if start and metrics_path.exists() else [])
+            if json.loads(line)["step"] <= start]  # drop lines logged after the checkpoint we resumed from
+    log = open(metrics_path, "w")
+    log.writelines(line + "\n" for line in kept)
+    kill_at = int(os.environ.get("JGOAT_FAULT_KILL_AT_STEP", "-1"))  # fault injection for the resume test
     bar = tqdm(range(start, args.steps), desc=f"{name:>8}", initial=start, total=args.steps, dynamic_ncols=True,
                disable=None)
     t0, tokens = time.perf_counter(), 0
     for step in bar:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         idx = data_lib.batch_indices(n, args.batch_size, args.seed, step)
         batch = {"ids": data.train_ids[idx], "mask": data.train_mask[idx], "labels": data.train_labels[idx]}
         state, m = step_fn(state, frozen, batch, jax.random.fold_in(key, step))
         tokens += int(batch["mask"].sum())
-        record = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "lr": float(
-            optax.warmup_cosine_decay_schedule(0.0, lr, max(int(round(args.warmup_ratio * args.steps)), 1),
-                                               args.steps)(step))}
+        record = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "lr": float(schedule(step))}
         log.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['task_loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
@@ -144,10 +158,14 @@ def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_li
                        metadata={"data_position": step + 1, "method": name})
     log.close()
     final = jgoat.combine(state.trainable, frozen)
-    accuracy = evaluate(model, final, data.test_ids, data.test_mask, data.test_labels)
+    accuracy, load = evaluate(model, final, data.test_ids, data.test_mask, data.test_labels)
     result = {"method": name, "test_accuracy": accuracy, "steps": args.steps,
               "seconds": time.perf_counter() - t0, "summary": jgoat.summary(final)}
     (out / "result.json").write_text(json.dumps(result, indent=2))
+    try:
+        plot_run(out, load)
+    except ImportError as err:
+        print(f"[{name}] no plots: {err}")
     return result
 
 
@@ -171,6 +189,10 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"{r['method']:<10}{r['test_accuracy']:>15.4f}{r['seconds']:>10.1f}")
     (pathlib.Path(args.out) / "results.json").write_text(
         json.dumps([{k: v for k, v in r.items() if k != "summary"} for r in results], indent=2))
+    try:
+        plot_results(args.out, results)
+    except ImportError as err:
+        print(f"no plots: {err}")
     return results
 
 

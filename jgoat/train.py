@@ -86,11 +86,18 @@ def adamw_cosine(
     eps: float = 1e-8,
 ) -> optax.GradientTransformation:
     """The published GOAT schedule (GOAT.md §6): AdamW, linear warmup for `warmup_ratio` of steps, cosine to 0."""
+    schedule = cosine_schedule(learning_rate, total_steps, warmup_ratio=warmup_ratio)
+    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def cosine_schedule(learning_rate: float, total_steps: int, *, warmup_ratio: float = 0.03) -> optax.Schedule:
+    """Linear warmup from 0 over round(warmup_ratio · total_steps) steps (at least 1), then cosine decay to 0."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    warmup = int(round(warmup_ratio * total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup, 1), max(total_steps, warmup + 1))
-    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    warmup = max(int(round(warmup_ratio * total_steps)), 1)
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(total_steps, warmup + 1))
 
 
 def freeze_base(tx: optax.GradientTransformation, tree: PyTree) -> optax.GradientTransformation:

@@ -100,3 +100,16 @@ def test_wrap_is_deterministic_and_pure():
         np.testing.assert_array_equal(u, v)
     assert a["mine"]["kernel"] is params["mine"]["kernel"]  # base arrays are shared, never copied or edited
     assert "jgoat" not in params["mine"]
+
+
+def test_collect_load_reports_goat_expert_load():
+    model = UserNet()
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    jgoat.register_linear(MyLinear)
+    wrapped = jgoat.wrap(params, jgoat.GoatConfig(rank=4, experts=4, top_k=2, targets=["mine"]), key=jax.random.key(2))
+    out, aux, load = jgoat.apply(model.apply, collect_load=True)({"params": wrapped}, x)
+    _, gates, _ = wrapped["mine"]["jgoat"].route(x)
+    expected = np.asarray(gates > 0, np.float64).mean(axis=0) / 2  # share of the 5 tokens' 2 slots per expert
+    np.testing.assert_allclose(np.asarray(load["mine"]), expected, rtol=0, atol=1e-7)
+    assert abs(float(np.sum(load["mine"])) - 1.0) < 1e-6

@@ -1,4 +1,5 @@
-"""Loads Hugging Face BERT / RoBERTa checkpoint folders into jgoat's linen models, without torch.
+"""Loads Hugging Face BERT / RoBERTa and Llama / Mistral / Qwen2 checkpoint folders into jgoat's linen models,
+without torch (the decoder key map and loader live in :mod:`jgoat.models.llama`).
 
 A folder holds ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``).
 Each Flax parameter path maps to one HF key by a fixed rule (see :func:`hf_key`); checkpoint keys are matched
@@ -23,6 +24,7 @@ from flax import traverse_util
 from safetensors import safe_open
 
 from jgoat.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertForSequenceClassification, BertModel
+from jgoat.models.llama import DECODER_MODEL_TYPES, load_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +91,13 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
       The config dict.
 
     Raises:
-      ValueError: ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`.
+      ValueError: ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES` or :data:`DECODER_MODEL_TYPES`.
     """
     hf = json.loads((pathlib.Path(path) / "config.json").read_text())
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"Unsupported model_type {model_type!r} in {path}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    supported = (*SUPPORTED_MODEL_TYPES, *DECODER_MODEL_TYPES)
+    if model_type not in supported:
+        raise ValueError(f"Unsupported model_type {model_type!r} in {path}; supported: {', '.join(supported)}")
     return hf
 
 
@@ -170,20 +171,30 @@ def from_pretrained(
     *,
     num_labels: int | None = None,
     dtype: Any = jnp.float32,
-    task: str = "sequence-classification",
+    task: str | None = None,
     key: jax.Array | None = None,
     output_loading_info: bool = False,
-) -> tuple[nn.Module, dict[str, Any], BertConfig] | tuple[nn.Module, dict[str, Any], BertConfig, LoadingInfo]:
-    """Builds a jgoat BERT / RoBERTa model and its params from a HF checkpoint folder.
+    param_dtype: Any = None,
+    scan_layers: bool = True,
+    remat_policy: str | None = None,
+) -> tuple[nn.Module, dict[str, Any], Any] | tuple[nn.Module, dict[str, Any], Any, LoadingInfo]:
+    """Builds a jgoat BERT / RoBERTa or Llama / Mistral / Qwen2 model and its params from a HF checkpoint folder.
 
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json``).
       num_labels: classifier size; default from the config (``len(id2label)``, else 2).
-      dtype: compute dtype and dtype the parameters are cast to.
-      task: ``"sequence-classification"`` (:class:`BertForSequenceClassification`) or ``"base"``
-        (:class:`BertModel` with pooler; params without the ``bert``/``roberta`` level).
+      dtype: compute dtype and dtype the parameters are cast to (unless ``param_dtype`` is given).
+      task: BERT / RoBERTa: ``"sequence-classification"`` (the default; :class:`BertForSequenceClassification`)
+        or ``"base"`` (:class:`BertModel` with pooler; params without the ``bert``/``roberta`` level).
+        Llama / Mistral / Qwen2: ``"causal-lm"`` (the default; :class:`~jgoat.models.llama.LlamaForCausalLM`,
+        config :class:`~jgoat.models.llama.LlamaConfig`).
       key: PRNG key for head / pooler parameters missing from the checkpoint (default ``jax.random.key(0)``).
       output_loading_info: also return a :class:`LoadingInfo`.
+      param_dtype: dtype the parameters are cast to (default: ``dtype``), e.g. float32 master weights with
+        ``dtype=jnp.bfloat16`` compute.
+      scan_layers: decoders only: layers under ``nn.scan`` (params ``model/layers/...`` stacked on a leading
+        layer axis) or unrolled (``model/layers_{i}/...``).
+      remat_policy: decoders only: None or a name in ``jgoat.models.llama.REMAT_POLICIES`` ("full", "dots", ...).
 
     Returns:
       ``(model, params, config)`` (plus ``LoadingInfo`` if asked); run with
@@ -197,11 +208,30 @@ def from_pretrained(
 
       model, params, cfg = from_pretrained(minilm_path(), task="base")
       hidden_BxTxD = model.apply({"params": params}, ids_BxT, mask_BxT).last_hidden_state
+
+      lm, lm_params, lm_cfg = from_pretrained(qwen_folder, dtype=jnp.bfloat16, remat_policy="dots")
+      logits_BxTxV = lm.apply({"params": lm_params}, ids_BxT, mask_BxT).logits
     """
     folder = pathlib.Path(path)
+    hf_config = read_config(folder)
+    if hf_config["model_type"] in DECODER_MODEL_TYPES:
+        if num_labels is not None:
+            raise ValueError(f"num_labels does not apply to {hf_config['model_type']} (causal LM)")
+        return load_causal_lm(
+            folder,
+            hf_config,
+            task="causal-lm" if task is None else task,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scan_layers=scan_layers,
+            remat_policy=remat_policy,
+            output_loading_info=output_loading_info,
+        )
+    task = "sequence-classification" if task is None else task
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; supported: {', '.join(TASKS)}")
-    config = BertConfig.from_hf_dict(read_config(folder), num_labels=num_labels, dtype=dtype, param_dtype=dtype)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    config = BertConfig.from_hf_dict(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
     prefix = config.base_model_prefix
     model = BertModel(config) if task == "base" else BertForSequenceClassification(config)
     dummy_1x1 = jnp.zeros((1, 1), jnp.int32)
@@ -232,7 +262,7 @@ def from_pretrained(
             mismatched.append(f"{ck}: checkpoint {shape} vs expected {expected}")
             continue
         array = reader.read(files[ck], ck)
-        flat[fpath] = jnp.asarray(array.T if transpose else array, dtype=dtype)
+        flat[fpath] = jnp.asarray(array.T if transpose else array, dtype=param_dtype)
     if missing or mismatched:
         lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
         raise ValueError(

@@ -1,0 +1,74 @@
+"""PNG plots of a training run (matplotlib, an optional dependency: `pip install jgoat[bench]`)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # plots are a convenience: say how to get them instead of failing the run
+        raise ImportError("plots need matplotlib: pip install 'jgoat[bench]'") from err
+    return plt
+
+
+def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None = None) -> list[pathlib.Path]:
+    """Write training.png (task loss, aux loss, learning rate per step) and, for GOAT, expert_load.png.
+
+    Args:
+      run_dir: a directory holding metrics.jsonl (one JSON object per step).
+      load: optional {layer path: [E] expert load} (``jgoat.apply(..., collect_load=True)``).
+
+    Returns:
+      The written files.
+    """
+    plt = _pyplot()
+    run_dir = pathlib.Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, title in zip(axes, ("task_loss", "aux", "lr"), ("task loss", "aux loss (GOAT)", "learning rate"),
+                              strict=True):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    written = [run_dir / "training.png"]
+    fig.savefig(written[0], dpi=110)
+    plt.close(fig)
+    if load:
+        names = sorted(load)
+        matrix = np.stack([np.asarray(load[n]).reshape(-1, np.shape(load[n])[-1]).mean(axis=0) for n in names])
+        fig, ax = plt.subplots(figsize=(6, 0.25 * len(names) + 1.5))
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set_xlabel("expert")
+        ax.set_title(f"GOAT expert load on the test set (uniform = {1 / matrix.shape[1]:.3f})")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        written.append(run_dir / "expert_load.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def plot_results(out_dir: str | pathlib.Path, results: Sequence[Mapping]) -> pathlib.Path:
+    """accuracy.png: test accuracy per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(results) + 2, 3))
+    ax.bar([r["method"] for r in results], [r["test_accuracy"] for r in results])
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    path = pathlib.Path(out_dir) / "accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
