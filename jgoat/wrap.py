@@ -53,13 +53,21 @@ def _check_rule(rule, paths: list[tuple[str, ...]], what: str) -> None:
             raise ValueError(f"{what} rule {name!r} matches no {kind}; some real module paths: {shown}")
 
 
-def select_targets(params: Mapping, cfg: AdapterConfig) -> list[tuple[str, ...]]:
-    """The module paths `cfg` targets, in tree order. Raises if any rule matches nothing."""
+def select_targets(params: Mapping, cfg: AdapterConfig,
+                   layouts: Mapping[str, Layout] | None = None) -> list[tuple[str, ...]]:
+    """The module paths `cfg` targets, in tree order. Raises if any rule matches nothing.
+
+    "all-linear" takes the modules `layouts` (from ``jgoat.probe``) lists, or without layouts every kernel of ndim 2
+    (Dense) or 3 (Dense scanned once) — never convolutions (ndim ≥ 4) — minus output heads.
+    """
     linears = [p for p, m in linear_modules(params) if ADAPTER_KEY not in m]
     if not linears:
         raise ValueError("params contain no module with a 'kernel' array; pass the 'params' collection of a model")
     if cfg.targets == "all-linear":
-        chosen = [p for p in linears if not set(p) & set(HEAD_NAMES) and get_at(params, p)["kernel"].ndim >= 2]
+        def is_linear(p):
+            return path_str(p) in layouts if layouts is not None else get_at(params, p)["kernel"].ndim in (2, 3)
+
+        chosen = [p for p in linears if not set(p) & set(HEAD_NAMES) and is_linear(p)]
     else:
         _check_rule(cfg.targets, linears, "targets")
         chosen = [p for p in linears if rule_matches(cfg.targets, p)]
@@ -89,6 +97,8 @@ def init_layer(cfg: AdapterConfig, kernel, layout: Layout, key: jax.Array, path:
     """Adapter node for one (possibly stacked) kernel."""
     stack, n_in, n_out = layout.split(kernel.shape)
     cfg.check_layer(path, n_in, n_out)
+    if hasattr(cfg, "for_layer"):  # path-dependent methods (IA3: feed-forward targets) specialise per layer
+        cfg = cfg.for_layer(path)
     kernel_3d = jnp.reshape(kernel, (*stack, n_in, n_out))
     keys = jax.random.split(key, int(np.prod(stack, dtype=int))).reshape(*stack, *key.shape) if stack else key
     return _stacked_init(cfg, len(stack))(kernel_3d, keys)
@@ -117,7 +127,7 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
       >>> wrapped = jgoat.wrap(params, jgoat.LoraConfig(rank=8, targets=["query", "value"]), key=key)
     """
     params = _to_dict(params)
-    for path in select_targets(params, cfg):
+    for path in select_targets(params, cfg, layouts):
         module = get_at(params, path)
         layout = _layout_for(path, module["kernel"], layouts)
         adapter = init_layer(cfg, module["kernel"], layout, _module_key(key, path), path_str(path))
@@ -247,9 +257,13 @@ def _map_kernels(tree: PyTree, fn_name: str, layouts) -> PyTree:
         fn = getattr(type(adapter), fn_name)
         for _ in stack:
             fn = jax.vmap(fn)
-        new_kernel = fn(adapter, kernel.reshape(*stack, n_in, n_out)).reshape(kernel.shape)
-        out = replace_at(out, path, lambda m, k=new_kernel: {n: v for n, v in {**m, "kernel": k}.items()
-                                                             if n != ADAPTER_KEY})
+        new = {"kernel": fn(adapter, kernel.reshape(*stack, n_in, n_out)).reshape(kernel.shape)}
+        bias_fn = getattr(type(adapter), f"{fn_name}_bias", None)  # methods that also rescale the bias (IA3)
+        if bias_fn is not None and hasattr(module.get("bias"), "shape"):
+            for _ in stack:
+                bias_fn = jax.vmap(bias_fn)
+            new["bias"] = bias_fn(adapter, module["bias"].reshape(*stack, n_out)).reshape(module["bias"].shape)
+        out = replace_at(out, path, lambda m, k=new: {n: v for n, v in {**m, **k}.items() if n != ADAPTER_KEY})
     return out
 
 

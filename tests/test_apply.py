@@ -113,3 +113,19 @@ def test_collect_load_reports_goat_expert_load():
     expected = np.asarray(gates > 0, np.float64).mean(axis=0) / 2  # share of the 5 tokens' 2 slots per expert
     np.testing.assert_allclose(np.asarray(load["mine"]), expected, rtol=0, atol=1e-7)
     assert abs(float(np.sum(load["mine"])) - 1.0) < 1e-6
+
+
+def test_all_linear_skips_convolutions_and_heads():
+    class ConvNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Conv(8, (3, 3), name="patch")(x)
+            h = nn.Dense(8, name="proj")(h)
+            return nn.Dense(2, name="classifier")(h.mean(axis=(1, 2)))
+
+    model = ConvNet()
+    x = jnp.ones((1, 6, 6, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    for layouts in (None, jgoat.probe(model, params, x)):
+        wrapped = jgoat.wrap(params, jgoat.LoraConfig(rank=2), key=jax.random.key(1), layouts=layouts)
+        assert [path for path, _ in jgoat.adapters(wrapped)] == ["proj"]

@@ -33,7 +33,7 @@ class AdapterConfig:
       targets: which linear modules get an adapter. A string is a regular expression that must match a whole
         '/'-joined module path (e.g. ``r".*/(query|value)"``); a list/tuple of names matches modules whose last
         path component (or '/'-joined path suffix) equals one of them (HF PEFT's ``target_modules`` semantics);
-        ``"all-linear"`` selects every 2-D linear kernel except output heads (see ``HEAD_NAMES``).
+        ``"all-linear"`` selects every linear kernel except output heads (see ``HEAD_NAMES``) and convolutions.
       exclude: same forms as ``targets`` (without "all-linear"); removes modules from the selection.
       modules_to_save: modules (same forms) whose own parameters become fully trainable, e.g. a new classifier.
       dropout: adapter dropout on the adapter input only (active when a 'dropout' rng is passed to apply).
