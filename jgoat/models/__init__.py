@@ -29,8 +29,38 @@ from jgoat.models.llama import (
     stack_layers,
     unstack_layers,
 )
+from jgoat.models.vit import (
+    VISION_MODEL_TYPES,
+    CLIPForImageClassification,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    VisionModelOutput,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+    load_vision_model,
+    preprocess,
+    processor_settings,
+    read_preprocessor_config,
+    vision_hf_key,
+)
 
 __all__ = [
+    # vision (jgoat.models.vit)
+    "VISION_MODEL_TYPES",
+    "CLIPForImageClassification",
+    "CLIPVisionConfig",
+    "CLIPVisionModel",
+    "ViTConfig",
+    "ViTForImageClassification",
+    "ViTModel",
+    "VisionModelOutput",
+    "load_vision_model",
+    "preprocess",
+    "processor_settings",
+    "read_preprocessor_config",
+    "vision_hf_key",
+    # text
     "DECODER_MODEL_TYPES",
     "REMAT_POLICIES",
     "SUPPORTED_MODEL_TYPES",

@@ -213,6 +213,18 @@ def from_pretrained(
       logits_BxTxV = lm.apply({"params": lm_params}, ids_BxT, mask_BxT).logits
     """
     folder = pathlib.Path(path)
+    from jgoat.models import vit  # lazily: vit imports this module
+
+    if vit.is_vision_checkpoint(folder):  # model_type vit / clip / clip_vision_model
+        return vit.load_vision_model(
+            folder,
+            task=task,
+            num_labels=num_labels,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            key=key,
+            output_loading_info=output_loading_info,
+        )
     hf_config = read_config(folder)
     if hf_config["model_type"] in DECODER_MODEL_TYPES:
         if num_labels is not None:

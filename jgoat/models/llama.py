@@ -565,6 +565,7 @@ class LlamaForCausalLM(nn.Module):
         return CausalLMOutput(logits_BxTxV, out.hidden_states)
 
 
+@functools.partial(jax.jit, static_argnames=("ignore_index", "reduction"))
 def causal_lm_loss(
     logits_BxTxV: jax.Array,
     labels_BxT: jax.Array,
@@ -660,19 +661,21 @@ def init_cache(model: LlamaForCausalLM, batch_size: int, max_length: int) -> dic
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _sample(logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, greedy: bool, top_k: int | None):
-    if greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+def _next_token(logits_BxV, key, greedy, temperature, top_k: int | None):
+    """``argmax(logits / temperature + Gumbel noise)``, a sample of ``softmax(logits / temperature)`` (the Gumbel-max
+    trick, as ``jax.random.categorical``); ``greedy`` (traced) drops the noise, so both modes share one compile."""
     logits_BxV = logits_BxV.astype(jnp.float32) / temperature
     if top_k is not None:
         kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+    noise_BxV = jax.random.gumbel(key, logits_BxV.shape, jnp.float32)
+    return jnp.argmax(jnp.where(greedy, logits_BxV, logits_BxV + noise_BxV), axis=-1).astype(jnp.int32)
 
 
 @functools.cache
-def _generation_fns(config: LlamaConfig, greedy: bool, top_k: int | None, eos_ids: tuple[int, ...], pad_id: int):
-    """(prefill, decode) jitted once per (config, sampling mode); shapes are jit's business."""
+def _generation_fns(config: LlamaConfig, top_k: int | None):
+    """(prefill, decode), jitted once per (config, top_k); shapes are jit's business, and greedy / temperature /
+    EOS / pad are traced, so changing them does not recompile."""
     from jgoat.apply import apply as apply_with_adapters  # lazy: jgoat.apply does not depend on the models
 
     model = LlamaForCausalLM(config)
@@ -685,18 +688,16 @@ def _generation_fns(config: LlamaConfig, greedy: bool, top_k: int | None, eos_id
         )
         return out.logits[:, -1], state["cache"]
 
-    def is_eos(tok_B):
-        if not eos_ids:
-            return jnp.zeros(tok_B.shape, bool)
-        return jnp.isin(tok_B, jnp.asarray(eos_ids, jnp.int32))
-
-    def prefill(params, cache, ids_BxT, mask_BxS, key, temperature):
+    def prefill(params, cache, ids_BxT, mask_BxS, key, greedy, temperature):
         logits_BxV, cache = forward(params, cache, ids_BxT, mask_BxS)
-        return _sample(logits_BxV, jax.random.fold_in(key, 0), temperature, greedy, top_k), cache
+        return _next_token(logits_BxV, jax.random.fold_in(key, 0), greedy, temperature, top_k), cache
 
-    def decode(params, cache, first_B, mask_BxS, key, temperature, max_new_tokens):
+    def decode(params, cache, first_B, mask_BxS, key, greedy, temperature, eos_E, pad_id, max_new_tokens):
         B = first_B.shape[0]
         tokens_BxM = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
+
+        def is_eos(tok_B):
+            return jnp.any(tok_B[:, None] == eos_E[None, :], axis=1)
 
         def cond(state):
             i, _, _, done_B = state
@@ -706,7 +707,7 @@ def _generation_fns(config: LlamaConfig, greedy: bool, top_k: int | None, eos_id
             i, tokens_BxM, cache, done_B = state
             prev_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxM, i - 1, 1, axis=1)
             logits_BxV, cache = forward(params, cache, prev_Bx1, mask_BxS)
-            tok_B = _sample(logits_BxV, jax.random.fold_in(key, i), temperature, greedy, top_k)
+            tok_B = _next_token(logits_BxV, jax.random.fold_in(key, i), greedy, temperature, top_k)
             tok_B = jnp.where(done_B, pad_id, tok_B)
             tokens_BxM = jax.lax.dynamic_update_slice_in_dim(tokens_BxM, tok_B[:, None], i, axis=1)
             return i + 1, tokens_BxM, cache, done_B | is_eos(tok_B)
@@ -715,7 +716,8 @@ def _generation_fns(config: LlamaConfig, greedy: bool, top_k: int | None, eos_id
         _, tokens_BxM, _, _ = jax.lax.while_loop(cond, body, state)
         return tokens_BxM
 
-    return jax.jit(prefill, donate_argnums=(1,)), jax.jit(decode, donate_argnums=(1,), static_argnums=(6,))
+    # The prefill's cache is donated (updated in place); the decode loop's cache never leaves it.
+    return jax.jit(prefill, donate_argnums=(1,)), jax.jit(decode, static_argnums=(9,))
 
 
 def generate(
@@ -768,8 +770,9 @@ def generate(
             raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k is not None and not 0 < top_k <= model.config.vocab_size:
         raise ValueError(f"top_k must be in [1, vocab_size], got {top_k}")
-    eos_ids = () if eos_token_id is None else tuple(np.atleast_1d(np.asarray(eos_token_id)).tolist())
+    eos_ids = [] if eos_token_id is None else np.atleast_1d(np.asarray(eos_token_id)).astype(int).tolist()
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    eos_E = jnp.asarray(eos_ids or [-1], jnp.int32)  # -1: no token is EOS
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, T = input_ids.shape
     if attention_mask is None:
@@ -778,12 +781,16 @@ def generate(
         [jnp.asarray(attention_mask, jnp.int32), jnp.ones((B, max_new_tokens), jnp.int32)], axis=1
     )
     _check_key_length(model.config, T + max_new_tokens)
-    prefill, decode = _generation_fns(model.config, bool(greedy), top_k if not greedy else None, eos_ids, pad_id)
+    prefill, decode = _generation_fns(model.config, None if greedy else top_k)
     key = jax.random.key(0) if key is None else key
-    temperature = jnp.asarray(temperature, jnp.float32)
+    greedy_ = jnp.asarray(bool(greedy))
+    temperature_ = jnp.asarray(1.0 if greedy else temperature, jnp.float32)
     cache = init_cache(model, B, T + max_new_tokens)
-    first_B, cache = prefill(params, cache, input_ids, mask_BxS, key, temperature)
-    new_BxM = decode(params, cache, first_B, mask_BxS, key, temperature, max_new_tokens)
+    first_B, cache = prefill(params, cache, input_ids, mask_BxS, key, greedy_, temperature_)
+    new_BxM = decode(
+        params, cache, first_B, mask_BxS, key, greedy_, temperature_, eos_E, jnp.asarray(pad_id, jnp.int32),
+        max_new_tokens,
+    )
     return jnp.concatenate([input_ids, new_BxM], axis=1)
 
 
