@@ -34,8 +34,8 @@ METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora
 
 def method_config(args: argparse.Namespace) -> AdapterConfig | None:
     """The adapter config a method name and the CLI knobs describe (None: "frozen" head only, "full" FT)."""
-    common = dict(targets=args.targets if args.targets != "all-linear" else "all-linear",
-                  modules_to_save=("classifier",), dropout=args.adapter_dropout)
+    common = dict(targets=args.targets, dropout=args.adapter_dropout,
+                  modules_to_save=("classifier",) if args.command == "train" else ())
     if args.method in ("frozen", "full"):
         return None
     if args.method == "goat":
@@ -84,7 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/default", help="output directory")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--no-baseline", action="store_true", help="skip the frozen-base (head only) baseline run")
+    m = sub.add_parser("estimate-memory", help="peak training memory of a decoder LM step (XLA, nothing allocated)")
+    m.add_argument("--config", default="llama-2-7b", help="a HF config.json (llama/mistral/qwen2) or 'llama-2-7b'")
+    m.add_argument("--method", default="goat", choices=("goat", "molora", "lora", "rslora", "dora", "full"))
+    m.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", type=_targets)
+    m.add_argument("--rank", type=int, default=8)
+    m.add_argument("--experts", type=int, default=8)
+    m.add_argument("--top-k", type=int, default=2)
+    m.add_argument("--batch-size", type=int, default=4)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    m.add_argument("--remat", default="full", help="remat policy name, or 'none'")
     return p
+
+
+def estimate_memory(args: argparse.Namespace):
+    """`jgoat estimate-memory`: print XLA's plan for one training step of the given decoder and method."""
+    from jgoat.memory import estimate_llama_training, llama2_7b
+    from jgoat.models.llama import LlamaConfig
+
+    dtype = jnp.dtype(args.dtype)
+    overrides = dict(dtype=dtype, param_dtype=dtype, remat_policy=None if args.remat == "none" else args.remat)
+    if args.config == "llama-2-7b":
+        model_config = llama2_7b(**overrides)
+    else:
+        model_config = LlamaConfig.from_hf_dict(json.loads(pathlib.Path(args.config).read_text()), **overrides)
+    adapter = None if args.method == "full" else method_config(argparse.Namespace(
+        **vars(args), alpha=2.0 * args.rank, adapter_dropout=0.0, scaling="theory", goat_init="goat"))
+    estimate = estimate_llama_training(model_config, adapter, batch_size=args.batch_size, seq_len=args.seq_len)
+    print("| method | trainable | arguments GiB | temporaries GiB | peak GiB | TFLOP/step |\n|---|---|---|---|---|---|")
+    print(estimate.row(args.method))
+    return estimate
 
 
 def classification_loss(model, params, batch, rng, *, aux_count_padding: bool):
@@ -207,6 +237,9 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv or ["train"])
+    if args.command == "estimate-memory":
+        estimate_memory(args)
+        return 0
     if args.command != "train":
         build_parser().print_help()
         return 2
