@@ -5,7 +5,24 @@
 """
 
 from jgoat._tree import Layout
-from jgoat.adapters import DoraAdapter, GoatAdapter, GoatConfig, LoraAdapter, LoraConfig, MoLoraConfig
+from jgoat.adapters import (
+    DoraAdapter,
+    GoatAdapter,
+    GoatConfig,
+    IA3Adapter,
+    IA3Config,
+    KasaAdapter,
+    KasaConfig,
+    LoraAdapter,
+    LoraConfig,
+    LoriAdapter,
+    LoriConfig,
+    MoLoraConfig,
+    lori_concat,
+    lori_masks,
+    lori_sparse,
+    regularizer,
+)
 from jgoat.apply import apply, probe, register_linear
 from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
@@ -18,9 +35,15 @@ __all__ = [
     "DoraAdapter",
     "GoatAdapter",
     "GoatConfig",
+    "IA3Adapter",
+    "IA3Config",
+    "KasaAdapter",
+    "KasaConfig",
     "Layout",
     "LoraAdapter",
     "LoraConfig",
+    "LoriAdapter",
+    "LoriConfig",
     "MoLoraConfig",
     "TrainState",
     "adamw_cosine",
@@ -37,10 +60,14 @@ __all__ = [
     "import_goat",
     "import_peft",
     "latest_step",
+    "lori_concat",
+    "lori_masks",
+    "lori_sparse",
     "mark_trainable",
     "merge",
     "probe",
     "register_linear",
+    "regularizer",
     "restore",
     "save",
     "split",

@@ -87,9 +87,10 @@ def _interceptor(token_mask: jax.Array | None, collect_load: bool):
         if not isinstance(adapter, ADAPTER_TYPES):
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
-        if adapter.A.ndim != adapter.layer_ndim:
+        ref_ndim = getattr(adapter, getattr(adapter, "ref_field", "A")).ndim  # ref_field: ClassVar, default "A"
+        if ref_ndim != adapter.layer_ndim:
             raise ValueError(
-                f"adapter at '{path}' has {adapter.A.ndim - adapter.layer_ndim} extra leading axes but the module "
+                f"adapter at '{path}' has {ref_ndim - adapter.layer_ndim} extra leading axes but the module "
                 "is not scanned over them: its kernel was read as stacked layers. Pass "
                 "layouts=jgoat.probe(model, params, *inputs) to jgoat.wrap for DenseGeneral/Einsum kernels"
             )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from flax import struct
 
-from jgoat.adapters import dora, goat, lora
+from jgoat.adapters import dora, goat, ia3, kasa, lora, lori
 from jgoat.adapters.base import AdapterConfig
 from jgoat.adapters.dora import DoraAdapter
 from jgoat.adapters.goat import GoatAdapter, GoatConfig, MoLoraConfig
+from jgoat.adapters.ia3 import IA3Adapter, IA3Config, IA3LayerConfig
+from jgoat.adapters.kasa import KasaAdapter, KasaConfig, regularizer
 from jgoat.adapters.lora import LoraAdapter, LoraConfig
+from jgoat.adapters.lori import LoriAdapter, LoriConfig, lori_concat, lori_masks, lori_sparse
 
 
 @struct.dataclass
@@ -16,7 +19,7 @@ class TrainModule:
     """Marker placed beside the params of a `modules_to_save` module: all of that module's params are trainable."""
 
 
-ADAPTER_TYPES = (LoraAdapter, DoraAdapter, GoatAdapter)
+ADAPTER_TYPES = (LoraAdapter, DoraAdapter, GoatAdapter, IA3Adapter, KasaAdapter, LoriAdapter)
 
 
 def init_fn(cfg: AdapterConfig):
@@ -25,13 +28,23 @@ def init_fn(cfg: AdapterConfig):
         return goat.init
     if isinstance(cfg, LoraConfig):
         return dora.init if cfg.use_dora else lora.init
+    if isinstance(cfg, IA3LayerConfig):
+        return ia3.init
+    if isinstance(cfg, IA3Config):
+        raise TypeError("IA3Config is per-layer (feed-forward targets are scaled on their input): initialise with "
+                        "init_fn(cfg.for_layer(path)), as jgoat.wrap does")
+    if isinstance(cfg, KasaConfig):
+        return kasa.init
+    if isinstance(cfg, LoriConfig):
+        return lori.init
     raise TypeError(f"unsupported adapter config {type(cfg).__name__}")
 
 
 def method_name(adapter) -> str:
     if isinstance(adapter, GoatAdapter):
         return "goat"
-    return {LoraAdapter: "lora", DoraAdapter: "dora"}[type(adapter)]
+    return {LoraAdapter: "lora", DoraAdapter: "dora", IA3Adapter: "ia3", KasaAdapter: "kasa",
+            LoriAdapter: "lori"}[type(adapter)]
 
 
 __all__ = [
@@ -40,10 +53,21 @@ __all__ = [
     "DoraAdapter",
     "GoatAdapter",
     "GoatConfig",
+    "IA3Adapter",
+    "IA3Config",
+    "IA3LayerConfig",
+    "KasaAdapter",
+    "KasaConfig",
     "LoraAdapter",
     "LoraConfig",
+    "LoriAdapter",
+    "LoriConfig",
     "MoLoraConfig",
     "TrainModule",
     "init_fn",
+    "lori_concat",
+    "lori_masks",
+    "lori_sparse",
     "method_name",
+    "regularizer",
 ]

@@ -24,8 +24,9 @@ from flax import struct
 from jgoat._tree import rule_matches
 from jgoat.adapters.base import AdapterConfig, Array, Context
 
-# peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for Llama (and Mistral,
-# Qwen2): the attention keys and values are scaled on their output, the MLP down projection on its input.
+# peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for Llama and Mistral:
+# the attention keys and values are scaled on their output, the MLP down projection on its input. (peft's Qwen2
+# default is q_proj, v_proj, down_proj: pass those targets explicitly to reproduce it.)
 IA3_LLAMA_TARGETS: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
 IA3_LLAMA_FEEDFORWARD: tuple[str, ...] = ("down_proj",)
 # peft's unmerge adds this to l before dividing (avoids a division by zero; makes unmerge approximate).
@@ -34,7 +35,7 @@ UNMERGE_EPS = 1e-8
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IA3Config(AdapterConfig):
-    """(IA)³ (HF PEFT ``IA3Config``). The defaults are peft's Llama / Mistral / Qwen2 defaults.
+    """(IA)³ (HF PEFT ``IA3Config``). The defaults are peft's Llama / Mistral defaults.
 
     Attributes:
       targets: modules that get a vector (same forms as every jgoat config; default: k_proj, v_proj, down_proj).

@@ -11,9 +11,12 @@
      layers, is `KasaAdapter.regularizer`; ``jgoat.regularizer(params)`` sums it over a tree and the loss_fn adds it
      to the task loss (as peft's ``LoraModel._get_kasa_loss``, which the user adds to the loss).
 
-``truncation="reference"`` reproduces the official code (github.com/juyongjiang/KaSA, peft fork, LoraLayer.update_layer):
-it keeps the top ``in_features − r`` triplets (``svd_rank = self.in_features - r``), which equals the spec when
-in ≤ out but drops only max(0, r − (in − out)) triplets when in > out (none once in − out ≥ r).
+``truncation="reference"`` reproduces the official code (github.com/juyongjiang/KaSA, its peft fork's
+LoraLayer.update_layer): it keeps the top ``in_features − r`` triplets (``svd_rank = self.in_features - r``),
+which equals the spec when in ≤ out but drops only max(0, r − (in − out)) triplets when in > out (none once
+in − out ≥ r). The official training script's regulariser also differs from peft's (not reproduced here): it uses
+the in × in and out × out Gram matrices (‖AᵀA − I_in‖_F + ‖BBᵀ − I_out‖_F in torch layout) and divides the sum by
+the number of KaSA layers.
 """
 
 from __future__ import annotations
