@@ -23,9 +23,19 @@ from jgoat.adapters import (
     lori_sparse,
     regularizer,
 )
+from jgoat.adapters.gora import (
+    GoraAdapter,
+    GoraConfig,
+    gora_allocate,
+    gora_gradients,
+    gora_importance,
+    gora_ranks,
+    gora_wrap,
+)
 from jgoat.apply import apply, probe, register_linear
 from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
+from jgoat.quant import NF4Kernel, dequantize, dequantize_tree, quantize_nf4
 from jgoat.train import TrainState, adamw_cosine, cosine_schedule, freeze_base, train_step
 from jgoat.wrap import adapters, combine, mark_trainable, merge, split, summary, trainable_mask, unmerge, wrap
 
@@ -35,6 +45,8 @@ __all__ = [
     "DoraAdapter",
     "GoatAdapter",
     "GoatConfig",
+    "GoraAdapter",
+    "GoraConfig",
     "IA3Adapter",
     "IA3Config",
     "KasaAdapter",
@@ -45,6 +57,7 @@ __all__ = [
     "LoriAdapter",
     "LoriConfig",
     "MoLoraConfig",
+    "NF4Kernel",
     "TrainState",
     "adamw_cosine",
     "adapter_leaves",
@@ -53,10 +66,17 @@ __all__ = [
     "combine",
     "cosine_schedule",
     "default_torch_name",
+    "dequantize",
+    "dequantize_tree",
     "export_goat",
     "export_peft",
     "fingerprint",
     "freeze_base",
+    "gora_allocate",
+    "gora_gradients",
+    "gora_importance",
+    "gora_ranks",
+    "gora_wrap",
     "import_goat",
     "import_peft",
     "latest_step",
@@ -66,6 +86,7 @@ __all__ = [
     "mark_trainable",
     "merge",
     "probe",
+    "quantize_nf4",
     "register_linear",
     "regularizer",
     "restore",

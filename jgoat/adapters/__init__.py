@@ -8,6 +8,7 @@ from jgoat.adapters import dora, goat, ia3, kasa, lora, lori
 from jgoat.adapters.base import AdapterConfig
 from jgoat.adapters.dora import DoraAdapter
 from jgoat.adapters.goat import GoatAdapter, GoatConfig, MoLoraConfig
+from jgoat.adapters.gora import GoraAdapter, GoraConfig
 from jgoat.adapters.ia3 import IA3Adapter, IA3Config, IA3LayerConfig
 from jgoat.adapters.kasa import KasaAdapter, KasaConfig, regularizer
 from jgoat.adapters.lora import LoraAdapter, LoraConfig
@@ -19,7 +20,7 @@ class TrainModule:
     """Marker placed beside the params of a `modules_to_save` module: all of that module's params are trainable."""
 
 
-ADAPTER_TYPES = (LoraAdapter, DoraAdapter, GoatAdapter, IA3Adapter, KasaAdapter, LoriAdapter)
+ADAPTER_TYPES = (LoraAdapter, DoraAdapter, GoatAdapter, IA3Adapter, KasaAdapter, LoriAdapter, GoraAdapter)
 
 
 def init_fn(cfg: AdapterConfig):
@@ -37,6 +38,10 @@ def init_fn(cfg: AdapterConfig):
         return kasa.init
     if isinstance(cfg, LoriConfig):
         return lori.init
+    if isinstance(cfg, GoraConfig):
+        raise TypeError("GoRA's init needs the accumulated base gradients and per-layer ranks: use "
+                        "jgoat.gora_wrap(params, cfg, jgoat.gora_gradients(params, loss_fn, batches, targets=cfg), "
+                        "key=key) instead of jgoat.wrap")
     raise TypeError(f"unsupported adapter config {type(cfg).__name__}")
 
 
@@ -44,7 +49,7 @@ def method_name(adapter) -> str:
     if isinstance(adapter, GoatAdapter):
         return "goat"
     return {LoraAdapter: "lora", DoraAdapter: "dora", IA3Adapter: "ia3", KasaAdapter: "kasa",
-            LoriAdapter: "lori"}[type(adapter)]
+            LoriAdapter: "lori", GoraAdapter: "gora"}[type(adapter)]
 
 
 __all__ = [
@@ -53,6 +58,8 @@ __all__ = [
     "DoraAdapter",
     "GoatAdapter",
     "GoatConfig",
+    "GoraAdapter",
+    "GoraConfig",
     "IA3Adapter",
     "IA3Config",
     "IA3LayerConfig",

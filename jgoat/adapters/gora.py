@@ -1,0 +1,479 @@
+"""GoRA (He et al., NeurIPS 2025, "Gradient-driven Adaptive Low Rank Adaptation"; official code: MyTransformers
+``common/lora_modules/gora.py``): per-layer ranks and a B init derived from the base model's accumulated gradient.
+
+Pipeline (Flax layout: kernel W [in, out], A [in, r], B [r, out]):
+
+  1. ``gora_gradients``: Ḡ_l = (1/N) Σ_batches ∂loss/∂W_l, differentiating ONLY the targeted kernels (every other
+     weight is a constant of the differentiated function), accumulated in fp32 inside one jitted, donating step.
+  2. ``gora_importance`` / ``gora_allocate``: I_l = mean(|W_l ⊙ Ḡ_l|) per layer — every layer of a scanned stack is
+     its own l — a_l = I_l / Σ I, budget b = Σ_l (m_l + n_l)·r_ref and
+     r_l = min(clamp(round(b·a_l) // (m_l + n_l), r_min, r_max), min(m_l, n_l)).
+     Rounding: Python's ``round`` (round half to EVEN: 2.5 → 2, 3.5 → 4) on the float64 product b·(I_l/ΣI), exactly
+     the official default (``gora_allocate_stretagy='moderate'`` → ``round``), then integer floor division. Two
+     documented deviations: a_l is computed in float64 with an exactly rounded sum (math.fsum; the official code
+     normalises in float32), and ranks are capped at min(in, out) (the official code is not; a rank above it adds no
+     expressiveness: A Aᵀ would be singular).
+  3. ``gora_wrap``: per layer, A_l ~ U(±1/√in) (kaiming-uniform a=√5, as LoRA; drawn as [in, r_pad] and its first
+     r_l columns kept, so one compile serves every rank of a module) and
+        B_l = c_l · pinv(A_lᵀA_l + 1e-8·I) · A_lᵀ · Ḡ_l,   c_l = σ · lr_init · √(in/r_l) / s_l,
+     the Flax transpose of the official B = Ḡ_t A_tᵀ pinv(A_t A_tᵀ + 1e-8·I) (torch layout Ḡ_t = Ḡᵀ, A_t = Aᵀ). Then
+        s_l · A_l B_l = σ · lr_init · √(in/r_l) · P_l Ḡ_l,   P_l = A_l (A_lᵀA_l)⁻¹ A_lᵀ,
+     i.e. the gradient projected onto A's span (the row space of peft's lora_A): one gradient-descent step restricted
+     to the subspace the adapter can express. The factor √(in/r_l) is the official ``gora_scale_by_lr`` rule: a random
+     rank-r projection keeps about r/in of a gradient's squared norm, so ‖s·AB‖_F ≈ lr_init·‖Ḡ‖_F. σ = −1 for
+     ``sign="descend"`` (the paper); σ = +1 for ``sign="code"`` (the official code's ``+grad_stored``, which ASCENDS
+     the loss at init). The base is never modified; s = alpha / d (d = r_l with ``dynamic_scaling``, else r_ref;
+     √d with ``use_rslora``). The init product does not depend on s (c_l divides it out); s shapes training.
+
+Static shapes vs per-layer ranks. A scanned stack holds one array per field for all its layers, so layers with
+different ranks cannot have different shapes. jgoat stores such a stack PADDED to the stack's largest rank r_pad, with
+the true rank of every layer in a frozen int32 leaf ``rank`` (and its scaling in a frozen float32 leaf ``scale``):
+the forward and the merge use A ⊙ [j < rank] (columns j ≥ rank zeroed), so padded columns of A and rows of B get an
+exactly-zero gradient and, being initialised to 0, stay 0 under Adam/AdamW (zero moments, zero decoupled decay) and
+clipping. The padding costs (r_pad − r_l)·(in + out) idle parameters per layer; an unstacked module, or a stack
+whose layers share one rank, has no padding. Rejecting stacks with unequal ranks instead would make GoRA unusable on
+scanned models (every jgoat decoder), and forcing one rank per stack would drop the per-layer allocation GoRA is about.
+
+The ranks live inside the adapter (the ``rank`` leaves, saved by ``jgoat.save``); to reload, rebuild the template
+with the same shapes without any gradient: ``gora_wrap(base, cfg, key=key, ranks=gora_ranks(checkpoint_dir))``.
+A GoRA layer is a LoRA layer (same forward, exact merge). It is not stored as a ``LoraAdapter`` because that node's
+scale is one static number per module (shared by a whole stack) while GoRA's s_l depends on each layer's rank, and
+because a padded stack needs the rank mask; ``GoraAdapter`` is LoRA plus exactly those two frozen leaves.
+``jgoat.export_peft`` does not handle it (peft would need rank_pattern/alpha_pattern and unpadded slices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jgoat._tree import ADAPTER_KEY, get_at, iter_modules, path_str, replace_at
+from jgoat.adapters.base import AdapterConfig, Array, Context, dropout, kaiming_uniform, low_rank
+
+PyTree = Any
+GORA_SIGNS = ("descend", "code")
+_GRAM_EPS = 1e-8  # the official code's pinv(A Aᵀ + 1e-8·I)
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GoraConfig(AdapterConfig):
+    """GoRA: gradient-driven per-layer ranks and init (defaults: the official Llama scripts).
+
+    Attributes:
+      r_ref: the reference rank defining the budget b = Σ_l (in_l + out_l)·r_ref (the scripts' ``--lora-rank 8``).
+      r_min, r_max: bounds of every layer's rank (scripts: 4 and 32); ranks are also capped at min(in, out).
+      alpha: scaling numerator (``--lora-scaler 16``).
+      lr_init: the step size of the gradient step the init encodes (``--gora-lr 5e-2``).
+      sign: "descend" (paper: s·AB ∝ −Ḡ, lowers the loss) or "code" (the official code: +Ḡ).
+      dynamic_scaling: s uses the layer's own rank r_l (``--gora-dynamic-scaling``), else r_ref.
+      use_rslora: s = alpha / √d instead of alpha / d (``--gora-rank-stablize``).
+
+    Example:
+      >>> cfg = jgoat.GoraConfig(targets="all-linear")
+      >>> grads = jgoat.gora_gradients(params, loss_fn, batches[:32], targets=cfg)
+      >>> wrapped = jgoat.gora_wrap(params, cfg, grads, key=key)
+    """
+
+    r_ref: int = 8
+    r_min: int = 4
+    r_max: int = 32
+    alpha: float = 16.0
+    lr_init: float = 5e-2
+    sign: str = "descend"
+    dynamic_scaling: bool = True
+    use_rslora: bool = True
+
+    method: ClassVar[str] = "gora"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("r_ref", "r_min", "r_max"):
+            _positive_int(name, getattr(self, name))
+        if self.r_min > self.r_max:
+            raise ValueError(f"r_min ({self.r_min}) > r_max ({self.r_max}): the rank bounds are empty")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not (self.lr_init > 0 and math.isfinite(self.lr_init)):
+            raise ValueError(f"lr_init must be a finite number > 0, got {self.lr_init}")
+        if self.sign not in GORA_SIGNS:
+            raise ValueError(f"unknown sign {self.sign!r}; allowed: 'descend' (the paper: the init descends along "
+                             "−Ḡ) or 'code' (the official code's +Ḡ)")
+
+    def scale_for(self, rank: int) -> float:
+        """s_l for a layer of rank r_l: alpha / d, d = r_l (dynamic_scaling) or r_ref, √d with use_rslora."""
+        d = rank if self.dynamic_scaling else self.r_ref
+        return self.alpha / (math.sqrt(d) if self.use_rslora else d)
+
+    def init_coef(self, rank: int, in_features: int) -> float:
+        """c_l with s_l·A·B = σ·lr_init·√(in/r_l)·P_A·Ḡ: B = c_l · pinv(AᵀA) Aᵀ Ḡ."""
+        sigma = -1.0 if self.sign == "descend" else 1.0
+        return sigma * self.lr_init * math.sqrt(in_features / rank) / self.scale_for(rank)
+
+
+@struct.dataclass
+class GoraAdapter:
+    """One GoRA layer: a LoRA layer whose rank is a frozen leaf.
+
+    A [in, r_pad], B [r_pad, out] (trained); rank int32 [] (r_l ≤ r_pad, frozen): columns j ≥ rank of A are masked
+    out, so only the first r_l rank-1 terms exist; scale float32 [] (s_l, frozen). y = x W + b + s·(x A_r) B.
+    """
+
+    A: Array
+    B: Array
+    rank: Array
+    scale: Array
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    trainable: ClassVar[tuple[str, ...]] = ("A", "B")
+    layer_ndim: ClassVar[int] = 2  # ndim of A for one unstacked layer
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[-2]
+
+    def masked_A(self) -> Array:
+        """A with its padded columns (index ≥ rank) exactly zero; no gradient reaches them."""
+        keep_1xR = (jnp.arange(self.A.shape[-1]) < self.rank)[None, :]
+        return jnp.where(keep_1xR, self.A, jnp.zeros((), self.A.dtype))
+
+    def delta_weight(self) -> Array:
+        return self.scale * jnp.matmul(self.masked_A(), self.B, precision=_HI)
+
+    def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, None]:
+        x_drop = dropout(x_TxI.astype(jnp.float32), self.dropout, ctx.rng)
+        delta = self.scale * low_rank(x_drop, self.masked_A(), self.B)
+        return y_TxO + delta.astype(y_TxO.dtype), None
+
+    def merge(self, kernel_IxO: Array) -> Array:
+        return (kernel_IxO.astype(jnp.float32) + self.delta_weight()).astype(kernel_IxO.dtype)
+
+    def unmerge(self, kernel_IxO: Array) -> Array:
+        return (kernel_IxO.astype(jnp.float32) - self.delta_weight()).astype(kernel_IxO.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- per-layer init
+
+
+def _layer_factors(grad_IxO: Array | None, key: Array, rank: Array, coef: Array, *, n_in: int, n_out: int,
+                   r_pad: int) -> tuple[Array, Array]:
+    """A [in, r_pad], B [r_pad, out] of one layer; rank is traced, so one compile serves every rank ≤ r_pad.
+
+    A = a kaiming draw of shape [in, r_pad] with the columns ≥ rank zeroed. The Gram matrix gets 1e-8 on its live
+    diagonal (the official regulariser) and 1 on its padded diagonal, so it is block-diagonal [AᵣᵀAᵣ + 1e-8·I, I]:
+    the live block of B is exactly the rank-r formula and the padded rows (Aᵀ Ḡ = 0 there) are forced to 0.
+    """
+    keep_R = jnp.arange(r_pad) < rank
+    a = jnp.where(keep_R[None, :], kaiming_uniform(key, n_in, (n_in, r_pad)), 0.0)
+    if grad_IxO is None:
+        return a, jnp.zeros((r_pad, n_out), jnp.float32)
+    gram = jnp.matmul(a.T, a, precision=_HI) + jnp.diag(jnp.where(keep_R, _GRAM_EPS, 1.0))
+    a_t_g = jnp.matmul(a.T, grad_IxO.astype(jnp.float32), precision=_HI)
+    b = coef * jnp.matmul(jnp.linalg.pinv(gram), a_t_g, precision=_HI)
+    return a, jnp.where(keep_R[:, None], b, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("n_in", "n_out", "r_pad"))
+def _stack_factors(grads_NxIxO: Array | None, keys_N: Array, ranks_N: Array, coefs_N: Array, *, n_in: int,
+                   n_out: int, r_pad: int) -> tuple[Array, Array]:
+    """_layer_factors over N layers (one compile per module shape); grads None: the template (B = 0)."""
+    fn = functools.partial(_layer_factors, n_in=n_in, n_out=n_out, r_pad=r_pad)
+    if grads_NxIxO is None:
+        return jax.vmap(lambda k, r, c: fn(None, k, r, c))(keys_N, ranks_N, coefs_N)
+    return jax.vmap(fn)(grads_NxIxO, keys_N, ranks_N, coefs_N)
+
+
+def _nodes(cfg: GoraConfig, grads_NxIxO: Array | None, keys_N: Array, ranks: Sequence[int], n_in: int, n_out: int,
+           r_pad: int) -> GoraAdapter:
+    """The adapters of N layers stacked along a leading axis [N, ...]."""
+    coefs = np.asarray([cfg.init_coef(r, n_in) for r in ranks], np.float32)
+    scales = np.asarray([cfg.scale_for(r) for r in ranks], np.float32)
+    ranks_N = np.asarray(ranks, np.int32)
+    a, b = _stack_factors(grads_NxIxO, keys_N, ranks_N, coefs, n_in=n_in, n_out=n_out, r_pad=r_pad)
+    return GoraAdapter(A=a, B=b, rank=jnp.asarray(ranks_N), scale=jnp.asarray(scales), dropout=cfg.dropout)
+
+
+def init(cfg: GoraConfig, kernel_IxO: Array, key: Array, *, grad_IxO: Array | None, rank: int,
+         r_pad: int | None = None) -> GoraAdapter:
+    """One unstacked layer. grad_IxO: Ḡ [in, out] (None: B = 0, a shape template for ``jgoat.restore``)."""
+    n_in, n_out = kernel_IxO.shape
+    r_pad = rank if r_pad is None else r_pad
+    if not 1 <= rank <= min(r_pad, n_in, n_out):
+        raise ValueError(f"rank {rank} must be in [1, min(r_pad={r_pad}, in={n_in}, out={n_out})]")
+    if grad_IxO is not None and tuple(grad_IxO.shape) != (n_in, n_out):
+        raise ValueError(f"gradient shape {tuple(grad_IxO.shape)} != kernel shape {(n_in, n_out)}")
+    node = _nodes(cfg, None if grad_IxO is None else grad_IxO[None], key[None], [rank], n_in, n_out, r_pad)
+    return jax.tree.map(lambda x: x[0], node)
+
+
+# --------------------------------------------------------------------------------------------------- gradients
+
+
+def _select(params: Mapping, targets, layouts) -> tuple[dict, list[tuple[str, ...]]]:
+    from jgoat.wrap import _to_dict, select_targets  # noqa: PLC0415 (jgoat.wrap imports jgoat.adapters)
+
+    cfg = targets if isinstance(targets, AdapterConfig) else AdapterConfig(targets=targets)
+    params = _to_dict(params)
+    return params, select_targets(params, cfg, layouts)
+
+
+def _geometry(params: Mapping, paths, layouts) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    from jgoat.wrap import _layout_for  # noqa: PLC0415
+
+    out = {}
+    for p in paths:
+        kernel = get_at(params, p)["kernel"]
+        out[path_str(p)] = _layout_for(p, kernel, layouts).split(kernel.shape)
+    return out
+
+
+def _loss_value(out):
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _accumulate(acc: dict, params: dict, batch, *, paths, geometry, loss_fn):
+    """acc + ∂loss/∂(targeted kernels) in fp32; all other params are constants of the differentiated function."""
+    names = [path_str(p) for p in paths]
+
+    def loss_of(kernels):
+        full = params
+        for p, name in zip(paths, names, strict=True):
+            full = replace_at(full, p, lambda m, k=kernels[name]: {**m, "kernel": k})
+        return _loss_value(loss_fn(full, batch))
+
+    kernels = {name: get_at(params, p)["kernel"] for p, name in zip(paths, names, strict=True)}
+    loss, grads = jax.value_and_grad(loss_of)(kernels)
+    new = {}
+    for name in names:
+        stack, n_in, n_out = geometry[name]
+        new[name] = acc[name] + grads[name].astype(jnp.float32).reshape(*stack, n_in, n_out)
+    return new, loss
+
+
+def gora_gradients(params: PyTree, loss_fn, batches: Iterable, *, targets, layouts=None,
+                   n_batches: int | None = None, progress: bool = True) -> dict[str, Array]:
+    """Ḡ: the gradient of the loss w.r.t. each targeted kernel, averaged over batches (GoRA step 1).
+
+    Only the targeted kernels are differentiated (a tree holding just them; every other weight is a constant of the
+    differentiated function, so no other gradient is formed). The sum lives in ONE fp32 accumulator the size of the
+    targeted kernels, updated in place by a jitted step that donates it; the params are passed in, never copied.
+
+    Args:
+      params: the base ``params`` collection (no adapters needed).
+      loss_fn: ``loss_fn(params, batch) -> loss`` (a tuple's first element is used, e.g. (loss, aux)).
+      batches: an iterable of batches (the scripts use N = 32).
+      targets: a config (``GoraConfig``; its targets/exclude are used) or a targets rule (regex, list of names,
+        "all-linear").
+      layouts: optional ``jgoat.probe`` layouts for DenseGeneral/Einsum kernels.
+      n_batches: stop after this many batches (default: all of `batches`).
+      progress: show a tqdm bar over the batches.
+
+    Returns:
+      {module path: Ḡ float32 [*stack, in, out]}, exactly the targeted modules.
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    params, paths = _select(params, targets, layouts)
+    geometry = _geometry(params, paths, layouts)
+    acc = {name: jnp.zeros((*stack, n_in, n_out), jnp.float32) for name, (stack, n_in, n_out) in geometry.items()}
+    step = jax.jit(functools.partial(_accumulate, paths=tuple(paths), geometry=geometry, loss_fn=loss_fn),
+                   donate_argnums=0)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    total = n_batches if total is None else (total if n_batches is None else min(total, n_batches))
+    count = 0
+    source = batches if n_batches is None else itertools.islice(batches, n_batches)
+    bar = tqdm(source, total=total, desc="GoRA gradients", disable=not progress, dynamic_ncols=True)
+    for batch in bar:
+        acc, loss = step(acc, params, batch)
+        count += 1
+        if progress:
+            bar.set_postfix(loss=f"{float(loss):.4g}")
+    bar.close()
+    if count == 0:
+        raise ValueError("gora_gradients got no batch: pass at least one (the GoRA scripts use 32)")
+    return {name: g / np.float32(count) for name, g in acc.items()}
+
+
+# --------------------------------------------------------------------------------------------------- ranks
+
+
+def gora_importance(params: PyTree, grads: Mapping[str, Array]) -> dict[str, np.ndarray]:
+    """I_l = mean(|W_l ⊙ Ḡ_l|) in fp32 for every layer: {path: float32 [*stack]} (stacked layers separately)."""
+    out = {}
+    for name, g in grads.items():
+        kernel = get_at(params, tuple(name.split("/")))["kernel"]
+        g = jnp.asarray(g, jnp.float32)
+        w = jnp.reshape(kernel, g.shape).astype(jnp.float32)
+        out[name] = np.asarray(jnp.mean(jnp.abs(w * g), axis=(-2, -1)))
+    return out
+
+
+def allocate_ranks(importance: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]],
+                   cfg: GoraConfig) -> dict[str, np.ndarray]:
+    """GoRA's rank rule on host numbers (pure; see the module docstring for the rounding rule).
+
+    Args:
+      importance: {path: I [*stack]} (e.g. from ``gora_importance``), every entry ≥ 0, not all 0.
+      shapes: {path: (in_features, out_features)} of one layer.
+      cfg: r_ref, r_min, r_max.
+
+    Returns:
+      {path: int64 ranks [*stack]}: r_l = min(clamp(round(b·(I_l/ΣI)) // (m_l+n_l), r_min, r_max), min(m_l, n_l)).
+    """
+    imps = {name: np.asarray(v, np.float64) for name, v in importance.items()}
+    if set(shapes) != set(imps):
+        raise ValueError(f"importance and shapes name different modules: {sorted(set(shapes) ^ set(imps))[:4]}")
+    flat = [float(x) for v in imps.values() for x in v.reshape(-1)]
+    if not all(math.isfinite(x) and x >= 0 for x in flat):
+        raise ValueError("importances must be finite and ≥ 0 (non-finite gradients? check the loss)")
+    total = math.fsum(flat)
+    if total <= 0:
+        raise ValueError("every importance is 0: the accumulated gradients of the targeted kernels are all zero")
+    budget = cfg.r_ref * sum((shapes[n][0] + shapes[n][1]) * v.size for n, v in imps.items())
+    out = {}
+    for name, v in imps.items():
+        n_in, n_out = shapes[name]
+        features = n_in + n_out
+        ranks = [min(max(round(budget * (x / total)) // features, cfg.r_min), cfg.r_max, n_in, n_out)
+                 for x in v.reshape(-1).tolist()]
+        out[name] = np.asarray(ranks, np.int64).reshape(v.shape)
+    return out
+
+
+def gora_allocate(params: PyTree, cfg: GoraConfig, grads: Mapping[str, Array]) -> dict[str, np.ndarray]:
+    """GoRA step 2: {path: int64 ranks [*stack]} from the accumulated gradients (``gora_gradients``)."""
+    shapes = {name: tuple(int(d) for d in np.shape(g)[-2:]) for name, g in grads.items()}
+    return allocate_ranks(gora_importance(params, grads), shapes, cfg)
+
+
+# --------------------------------------------------------------------------------------------------- wrap / ranks
+
+
+def _check_keys(given: Mapping, names: list[str], what: str) -> None:
+    missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+    if missing or extra:
+        raise ValueError(f"{what} do not match the targeted modules: missing {missing[:4]}, unknown {extra[:4]} "
+                         "(use the same targets as for gora_gradients)")
+
+
+def gora_wrap(params: PyTree, cfg: GoraConfig, grads: Mapping[str, Array] | None = None, *, key: jax.Array,
+              ranks: Mapping[str, Any] | None = None, layouts=None) -> dict:
+    """Add a GoRA adapter beside every targeted kernel (GoRA steps 2–3); the base is unchanged.
+
+    Args:
+      params: the base ``params`` collection.
+      cfg: a ``GoraConfig``.
+      grads: {path: Ḡ [*stack, in, out]} from ``gora_gradients`` with the same targets. None builds a shape template
+        (A kaiming, B = 0) for ``jgoat.restore`` and then requires `ranks`.
+      key: PRNG key for A (per module ``fold_in(key, crc32(path))``, split over stacked layers, as ``jgoat.wrap``).
+      ranks: {path: int ranks [*stack]} to use instead of allocating them from `grads`, e.g. ``gora_ranks(ckpt_dir)``.
+      layouts: optional ``jgoat.probe`` layouts.
+
+    Returns:
+      The wrapped tree: ``.../kernel`` plus ``jgoat: GoraAdapter(A [*L, in, r_pad], B [*L, r_pad, out], rank [*L],
+      scale [*L])``, r_pad = the module's largest rank.
+
+    Example:
+      >>> wrapped = jgoat.gora_wrap(params, cfg, jgoat.gora_gradients(params, loss_fn, batches, targets=cfg), key=key)
+      >>> template = jgoat.gora_wrap(params, cfg, key=key, ranks=jgoat.gora_ranks(ckpt_dir))   # reload
+      >>> tree, _, _ = jgoat.restore(ckpt_dir, template)
+    """
+    from jgoat.wrap import _module_key, mark_trainable  # noqa: PLC0415
+
+    if not isinstance(cfg, GoraConfig):
+        raise TypeError(f"gora_wrap needs a jgoat.GoraConfig, got {type(cfg).__name__}")
+    if grads is None and ranks is None:
+        raise ValueError("gora_wrap needs the accumulated gradients (jgoat.gora_gradients) or, to rebuild a "
+                         "checkpoint's shapes, ranks=jgoat.gora_ranks(checkpoint_dir)")
+    params, paths = _select(params, cfg, layouts)
+    geometry = _geometry(params, paths, layouts)
+    names = list(geometry)
+    if grads is not None:
+        _check_keys(grads, names, "grads")
+        for name, (stack, n_in, n_out) in geometry.items():
+            if tuple(np.shape(grads[name])) != (*stack, n_in, n_out):
+                raise ValueError(f"grads['{name}'] has shape {tuple(np.shape(grads[name]))}, expected "
+                                 f"{(*stack, n_in, n_out)} ([*stack, in, out])")
+    if ranks is None:
+        ranks = gora_allocate(params, cfg, grads)
+    _check_keys(ranks, names, "ranks")
+    for p, name in zip(paths, names, strict=True):
+        stack, n_in, n_out = geometry[name]
+        r = np.asarray(ranks[name])
+        if r.shape != stack or not np.issubdtype(r.dtype, np.integer):
+            raise ValueError(f"ranks['{name}'] must be integers of shape {stack} (one per stacked layer), got "
+                             f"{r.dtype} {r.shape}")
+        if r.min() < 1 or r.max() > min(n_in, n_out):
+            raise ValueError(f"ranks['{name}'] must lie in [1, min(in, out) = {min(n_in, n_out)}], got "
+                             f"[{r.min()}, {r.max()}]")
+        r_pad = int(r.max())
+        n_layers = int(np.prod(stack, dtype=int))
+        module_key = _module_key(key, p)
+        keys = jax.random.split(module_key, n_layers) if stack else module_key[None]
+        g = None if grads is None else jnp.reshape(jnp.asarray(grads[name], jnp.float32), (n_layers, n_in, n_out))
+        node = _nodes(cfg, g, keys, r.reshape(-1).tolist(), n_in, n_out, r_pad)
+        node = jax.tree.map(lambda x, s=stack: x.reshape(*s, *x.shape[1:]), node)
+        params = replace_at(params, p, lambda m, a=node: {**m, ADAPTER_KEY: a})
+    return mark_trainable(params, cfg.modules_to_save) if cfg.modules_to_save else params
+
+
+def gora_ranks(source: PyTree | str | os.PathLike, *, step: int | None = None) -> dict[str, np.ndarray]:
+    """The recorded per-layer ranks {path: int64 [*stack]} of a GoRA tree, or of a checkpoint directory.
+
+    A directory is read without any template (only its adapter arrays are loaded): pass the result as
+    ``gora_wrap(params, cfg, key=key, ranks=...)`` to rebuild the shapes ``jgoat.restore`` needs. ``.tolist()`` of
+    each value is JSON-ready.
+    """
+    if isinstance(source, str | os.PathLike):
+        return _checkpoint_ranks(source, step)
+    found = {path_str(p): np.asarray(m[ADAPTER_KEY].rank).astype(np.int64) for p, m in iter_modules(source)
+             if isinstance(m.get(ADAPTER_KEY), GoraAdapter)}
+    if not found:
+        raise ValueError("the tree holds no GoRA adapter: build it with jgoat.gora_wrap")
+    return found
+
+
+def _checkpoint_ranks(directory: str | os.PathLike, step: int | None) -> dict[str, np.ndarray]:
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    from jgoat.checkpoint import _manager  # noqa: PLC0415 (jgoat.checkpoint imports jgoat.adapters)
+
+    with _manager(directory, None) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+        suffix = f"/{ADAPTER_KEY}/rank"
+        wanted = {i: p[: -len(suffix)] for i, p in enumerate(record["adapter_paths"]) if p.endswith(suffix)}
+        if not wanted:
+            raise ValueError(f"checkpoint {directory} (step {step}) holds no GoRA adapter (no '*{suffix}' leaf)")
+        arrays = mngr.restore(step, args=ocp.args.Composite(adapter=ocp.args.StandardRestore()))["adapter"]
+    return {path: np.asarray(arrays[f"a{i:05d}"]).astype(np.int64) for i, path in wanted.items()}
+
+
+__all__: Sequence[str] = [
+    "GoraAdapter",
+    "GoraConfig",
+    "allocate_ranks",
+    "gora_allocate",
+    "gora_gradients",
+    "gora_importance",
+    "gora_ranks",
+    "gora_wrap",
+    "init",
+]
