@@ -23,6 +23,7 @@ from jgoat.adapters import (
     lori_sparse,
     regularizer,
 )
+from jgoat.adapters.bottleneck import BottleneckConfig, add_bottleneck
 from jgoat.adapters.gora import (
     GoraAdapter,
     GoraConfig,
@@ -32,6 +33,7 @@ from jgoat.adapters.gora import (
     gora_ranks,
     gora_wrap,
 )
+from jgoat.adapters.prompt import PrefixTuningConfig, PromptTuningConfig, add_prefix, add_prompt
 from jgoat.apply import apply, probe, register_linear
 from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
@@ -42,6 +44,7 @@ from jgoat.wrap import adapters, combine, mark_trainable, merge, split, summary,
 __version__ = "0.1.0"
 
 __all__ = [
+    "BottleneckConfig",
     "DoraAdapter",
     "GoatAdapter",
     "GoatConfig",
@@ -58,8 +61,13 @@ __all__ = [
     "LoriConfig",
     "MoLoraConfig",
     "NF4Kernel",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "TrainState",
     "adamw_cosine",
+    "add_bottleneck",
+    "add_prefix",
+    "add_prompt",
     "adapter_leaves",
     "adapters",
     "apply",

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jgoat._tree import ADAPTER_KEY, Layout, get_at
 from jgoat.adapters import ADAPTER_TYPES, GoatAdapter
 from jgoat.adapters.base import Context
+from jgoat.quant import NF4Kernel, linear_base
 
 AUX_COLLECTION = "jgoat_aux"
 LOAD_COLLECTION = "jgoat_load"
@@ -81,11 +82,16 @@ def _interceptor(token_mask: jax.Array | None, collect_load: bool):
         module = context.module
         if context.method_name != "__call__" or _linear_n_in(module) is None or module.scope is None:
             return next_fun(*args, **kwargs)
+        kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+        if isinstance(kernel, NF4Kernel):  # QLoRA: linen can't multiply the node; dequantise this call's W here
+            kernel, base = linear_base(module, kernel, _input(args, kwargs))
+        else:
+            base = functools.partial(next_fun, *args, **kwargs)
         if not module.has_variable("params", ADAPTER_KEY):
-            return next_fun(*args, **kwargs)
+            return base()
         adapter = module.get_variable("params", ADAPTER_KEY)
         if not isinstance(adapter, ADAPTER_TYPES):
-            return next_fun(*args, **kwargs)
+            return base()
         path = "/".join(module.path)
         ref_ndim = getattr(adapter, getattr(adapter, "ref_field", "A")).ndim  # ref_field: ClassVar, default "A"
         if ref_ndim != adapter.layer_ndim:
@@ -94,10 +100,9 @@ def _interceptor(token_mask: jax.Array | None, collect_load: bool):
                 "is not scanned over them: its kernel was read as stacked layers. Pass "
                 "layouts=jgoat.probe(model, params, *inputs) to jgoat.wrap for DenseGeneral/Einsum kernels"
             )
-        y = next_fun(*args, **kwargs)
+        y = base()
         x_TxI, lead = _flatten_in(_input(args, kwargs), adapter.in_features, path)
         y_TxO = y.reshape(x_TxI.shape[0], -1)
-        kernel = module.get_variable("params", "kernel")
         ctx = Context(
             kernel_IxO=kernel.reshape(adapter.in_features, -1),
             bias_O=(module.get_variable("params", "bias").reshape(-1)

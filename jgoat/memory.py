@@ -56,6 +56,7 @@ def estimate_llama_training(
     batch_size: int,
     seq_len: int,
     learning_rate: float = 1e-4,
+    quantize: bool = False,
 ) -> MemoryEstimate:
     """Compile (abstractly) one jgoat train step of a decoder LM and return XLA's memory/FLOP analysis.
 
@@ -64,6 +65,8 @@ def estimate_llama_training(
       adapter: a method config (e.g. ``jgoat.GoatConfig(rank=8, experts=8, top_k=2, targets=[...])``), or None for
         full fine-tuning (every parameter trainable, AdamW state in the parameter dtype).
       batch_size, seq_len: the token batch.
+      quantize: QLoRA: store the base's linear kernels as NF4 with double quantisation (``jgoat.quantize_nf4``,
+        "all-linear": lm_head and embeddings stay in ``param_dtype``) before wrapping; needs an adapter.
 
     Returns:
       A MemoryEstimate; ``peak_bytes`` is the figure to compare with the device memory. Train state and batch are
@@ -72,6 +75,10 @@ def estimate_llama_training(
     model = LlamaForCausalLM(model_config)
     ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(ids.shape, ids.dtype))["params"])
+    if quantize:
+        if adapter is None:
+            raise ValueError("quantize=True needs an adapter: a quantised base cannot be fully fine-tuned")
+        params = jax.eval_shape(jgoat.quantize_nf4, params)
     if adapter is None:
         wrapped = jax.eval_shape(lambda p: jgoat.mark_trainable(p, sorted(p)), params)
     else:

@@ -33,11 +33,14 @@ from jgoat.adapters import (
     method_name,
 )
 from jgoat.adapters.base import HEAD_NAMES
+from jgoat.quant import NF4Kernel, dequantize
 
 PyTree = Any
 
 
 def _layout_for(path: tuple[str, ...], kernel, layouts: Mapping[str, Layout] | None) -> Layout:
+    if isinstance(kernel, NF4Kernel):  # a quantised kernel knows its layout (fixed at quantize_nf4)
+        return kernel.layout
     if layouts is not None and path_str(path) in layouts:
         return layouts[path_str(path)]
     return Layout(n_stack=max(kernel.ndim - 2, 0), n_in=1)
@@ -85,9 +88,16 @@ def _module_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
 
 
 @functools.cache
-def _stacked_init(cfg: AdapterConfig, n_stack: int):
-    """jit(init) vmapped over n_stack leading layer axes (keys split per layer)."""
+def _stacked_init(cfg: AdapterConfig, n_stack: int, quantized: bool = False):
+    """jit(init) vmapped over n_stack leading layer axes (keys split per layer).
+
+    quantized: the kernel is an NF4Kernel; each layer's init reads it dequantised (in the stored dtype, exactly the
+    weights the model runs with; inits do their SVD in fp32) inside the jit — dead code, hence never materialised,
+    for inits that ignore the kernel.
+    """
     fn = functools.partial(init_fn(cfg), cfg)
+    if quantized:
+        fn = functools.partial(lambda f, node, key: f(dequantize(node).reshape(node.in_features, -1), key), fn)
     for _ in range(n_stack):
         fn = jax.vmap(fn)
     return jax.jit(fn)
@@ -99,8 +109,10 @@ def init_layer(cfg: AdapterConfig, kernel, layout: Layout, key: jax.Array, path:
     cfg.check_layer(path, n_in, n_out)
     if hasattr(cfg, "for_layer"):  # path-dependent methods (IA3: feed-forward targets) specialise per layer
         cfg = cfg.for_layer(path)
-    kernel_3d = jnp.reshape(kernel, (*stack, n_in, n_out))
     keys = jax.random.split(key, int(np.prod(stack, dtype=int))).reshape(*stack, *key.shape) if stack else key
+    if isinstance(kernel, NF4Kernel):  # QLoRA: SVD-based inits (PiSSA, GOAT) and DoRA's norm see the dequantised W
+        return _stacked_init(cfg, len(stack), True)(kernel, keys)
+    kernel_3d = jnp.reshape(kernel, (*stack, n_in, n_out))
     return _stacked_init(cfg, len(stack))(kernel_3d, keys)
 
 
@@ -145,6 +157,10 @@ def mark_trainable(params: PyTree, modules: str | Sequence[str]) -> dict:
     _check_rule(modules, paths, "modules_to_save")
     for path in paths:
         if rule_matches(modules, path):
+            if any(isinstance(v, NF4Kernel) for v in jax.tree.leaves(get_at(params, path),
+                                                                      is_leaf=lambda v: isinstance(v, NF4Kernel))):
+                raise ValueError(f"module '{path_str(path)}' holds an NF4-quantised kernel, which cannot be trained; "
+                                 "leave it out of jgoat.quantize_nf4 (exclude=...) to train it")
             params = replace_at(params, path, lambda m: {**m, ADAPTER_KEY: TrainModule()})
     return params
 
@@ -253,6 +269,10 @@ def _map_kernels(tree: PyTree, fn_name: str, layouts) -> PyTree:
             raise ValueError(f"'{path_str(path)}' holds a DoRA adapter, which has no exact unmerge; keep the "
                              "unmerged tree (jgoat is functional: merge returns a new tree)")
         kernel = module["kernel"]
+        if isinstance(kernel, NF4Kernel):
+            raise ValueError(f"'{path_str(path)}' has an NF4-quantised base kernel: merging into NF4 is inexact (the "
+                             "merged weight would have to be re-quantised). Dequantise first: "
+                             "jgoat.merge(jgoat.dequantize_tree(params))")
         stack, n_in, n_out = _layout_for(path, kernel, layouts).split(kernel.shape)
         fn = getattr(type(adapter), fn_name)
         for _ in stack:

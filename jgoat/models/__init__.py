@@ -12,7 +12,9 @@ from jgoat.models.bert import (
     attention_bias,
     position_ids_from_input_ids,
 )
+from jgoat.models.formats import UnsafeCheckpointError, load_flax_msgpack, load_torch_bin
 from jgoat.models.hf import LoadingInfo, from_pretrained, hf_key, load_tokenizer, minilm_path, read_config
+from jgoat.models.io import save_pretrained
 from jgoat.models.llama import (
     DECODER_MODEL_TYPES,
     REMAT_POLICIES,
@@ -60,6 +62,11 @@ __all__ = [
     "processor_settings",
     "read_preprocessor_config",
     "vision_hf_key",
+    # checkpoint files (jgoat.models.io, jgoat.models.formats)
+    "UnsafeCheckpointError",
+    "load_flax_msgpack",
+    "load_torch_bin",
+    "save_pretrained",
     # text
     "DECODER_MODEL_TYPES",
     "REMAT_POLICIES",

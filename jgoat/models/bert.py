@@ -239,8 +239,11 @@ class BertSelfOutput(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxF, residual_BxTxD, *, deterministic: bool):
         cfg = self.config
+        from jgoat.adapters.bottleneck import apply_hook  # lazy: jgoat.adapters does not depend on the models
+
         y_BxTxD = _dense(cfg, cfg.hidden_size, "dense")(h_BxTxF)
         y_BxTxD = nn.Dropout(cfg.hidden_dropout_prob)(y_BxTxD, deterministic=deterministic)
+        y_BxTxD = apply_hook(self, y_BxTxD)  # hook point: y + a(y) when params hold a bottleneck adapter
         return _layer_norm(cfg)(y_BxTxD + residual_BxTxD)
 
 
@@ -321,6 +324,7 @@ class BertModel(nn.Module):
 
     config: BertConfig
     add_pooling_layer: bool = True
+    jgoat_hooks = ("bottleneck",)  # not a field: bottleneck adapters (jgoat.add_bottleneck) are read by the layers
 
     @nn.compact
     def __call__(
@@ -391,6 +395,7 @@ class BertForSequenceClassification(nn.Module):
     """
 
     config: BertConfig
+    jgoat_hooks = ("bottleneck",)  # not a field: see BertModel
 
     @nn.compact
     def __call__(

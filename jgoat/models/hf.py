@@ -1,7 +1,10 @@
 """Loads Hugging Face BERT / RoBERTa and Llama / Mistral / Qwen2 checkpoint folders into jgoat's linen models,
 without torch (the decoder key map and loader live in :mod:`jgoat.models.llama`).
 
-A folder holds ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``).
+A folder holds ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``), else
+``pytorch_model.bin`` (sharded: ``pytorch_model.bin.index.json``; read without torch, allow-listed unpickling) or a
+legacy ``transformers<5`` ``flax_model.msgpack`` (see :mod:`jgoat.models.formats`). The reverse direction is
+:func:`jgoat.models.io.save_pretrained`.
 Each Flax parameter path maps to one HF key by a fixed rule (see :func:`hf_key`); checkpoint keys are matched
 with or without the ``bert.`` / ``roberta.`` prefix, so task checkpoints and bare encoders (e.g.
 sentence-transformers' MiniLM, whose keys start at ``embeddings.``) both load into either model.
@@ -19,10 +22,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
 
+from jgoat.models import formats
 from jgoat.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertForSequenceClassification, BertModel
 from jgoat.models.llama import DECODER_MODEL_TYPES, load_causal_lm
 
@@ -125,37 +127,15 @@ def _canonical(key: str, prefix: str) -> str:
 
 
 def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Checkpoint key -> safetensors file holding it (single file or sharded index)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: folder / f for k, f in weight_map.items()}
-    single = folder / "model.safetensors"
-    if single.is_file():
-        with safe_open(single, framework="numpy") as f:
-            return dict.fromkeys(f.keys(), single)
-    raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {folder}")
+    """Checkpoint key -> file holding it: ``model.safetensors`` (single or sharded index), else
+    ``pytorch_model.bin`` (single or sharded; read without torch), else a legacy ``flax_model.msgpack`` (keys
+    renamed to torch's); see :func:`jgoat.models.formats.checkpoint_files`."""
+    return formats.checkpoint_files(folder)
 
 
-class _Reader:
-    """Reads one tensor at a time as numpy, keeping one handle per file (bf16 goes through the flax reader,
-    because numpy has no bfloat16 and safetensors' numpy backend rejects it)."""
-
-    def __init__(self):
-        self._handles: dict[tuple[pathlib.Path, str], Any] = {}
-
-    def _handle(self, file: pathlib.Path, framework: str):
-        if (file, framework) not in self._handles:
-            self._handles[(file, framework)] = safe_open(file, framework=framework)
-        return self._handles[(file, framework)]
-
-    def shape(self, file: pathlib.Path, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(file, "numpy").get_slice(key).get_shape())
-
-    def read(self, file: pathlib.Path, key: str) -> np.ndarray:
-        if self._handle(file, "numpy").get_slice(key).get_dtype() == "BF16":
-            return np.asarray(self._handle(file, "flax").get_tensor(key))
-        return self._handle(file, "numpy").get_tensor(key)
+# Reads one tensor at a time as numpy from any of those files (positioned reads, no memory map, so a load holds
+# one tensor beyond the params it builds; bf16 as ml_dtypes.bfloat16).
+_Reader = formats.TensorReader
 
 
 def _init_head_leaf(key: jax.Array, leaf: str, shape_dtype: jax.ShapeDtypeStruct, std: float) -> jax.Array:
@@ -181,7 +161,8 @@ def from_pretrained(
     """Builds a jgoat BERT / RoBERTa or Llama / Mistral / Qwen2 model and its params from a HF checkpoint folder.
 
     Args:
-      path: folder with ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json``).
+      path: folder with ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json``; else
+        ``pytorch_model.bin[.index.json]`` or ``flax_model.msgpack[.index.json]``).
       num_labels: classifier size; default from the config (``len(id2label)``, else 2).
       dtype: compute dtype and dtype the parameters are cast to (unless ``param_dtype`` is given).
       task: BERT / RoBERTa: ``"sequence-classification"`` (the default; :class:`BertForSequenceClassification`)

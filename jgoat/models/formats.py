@@ -1,0 +1,601 @@
+"""Checkpoint file formats, read and written with numpy only (no torch, no memory maps).
+
+* ``model.safetensors`` (and shards): the JSON header is parsed here and each tensor is read with one positioned
+  read into a fresh array, so the only host memory a loader holds is the tensor it is converting (a memory map
+  would leave every page it touched resident until the file is closed).
+* ``pytorch_model.bin`` (and shards): torch's zip serialisation (``<name>/data.pkl`` + ``<name>/data/<storage
+  key>``), unpickled with an allow-list: tensors (``torch._utils._rebuild_tensor_v2``), typed storages
+  (``torch.FloatStorage``, ``torch.BFloat16Storage``, ...) and ``collections.OrderedDict``. Any other global in
+  the pickle raises :class:`UnsafeCheckpointError`; no pickled code is ever executed. Tensor data is read lazily,
+  storage slice by storage slice, honouring offsets and strides.
+* ``flax_model.msgpack`` (and shards): legacy ``transformers<5`` Flax checkpoints. Their parameter paths follow
+  the torch module names, so they are renamed to torch state-dict keys and torch layout exactly as transformers'
+  own ``convert_flax_state_dict_to_pt`` did (``kernel`` -> ``weight`` transposed, 4-D conv kernels
+  ``[H, W, in, out]`` -> ``[out, in, H, W]``, ``scale`` / ``embedding`` -> ``weight``, path joined with ``.``);
+  the per-family key maps of :mod:`jgoat.models` then apply unchanged.
+
+:func:`checkpoint_files` finds the weights of a folder (safetensors first, then torch, then Flax; an index file
+before a single file) and :class:`TensorReader` reads them one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
+
+# safetensors dtype tags <-> numpy dtypes (ml_dtypes provides bfloat16 and float8 for numpy).
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_SAFETENSORS_TAGS = {dtype: tag for tag, dtype in SAFETENSORS_DTYPES.items()}
+
+# torch's typed storage classes (the globals a state-dict pickle names) -> numpy dtype of their elements.
+TORCH_STORAGE_DTYPES: dict[str, np.dtype] = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "ComplexFloatStorage": np.dtype(np.complex64),
+    "ComplexDoubleStorage": np.dtype(np.complex128),
+}
+
+
+def empty_aligned(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> np.ndarray:
+    """``np.empty`` whose data starts on an ``alignment``-byte boundary.
+
+    ``jax.device_put`` on the CPU backend adopts such a buffer without copying it (an unaligned one is copied), so
+    a loader that fills a host buffer and hands it to jax holds one copy of the tensor, not two.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
+    """``dst[...] = src.T`` (cast to ``dst``'s dtype), tile by tile for 2-D arrays.
+
+    numpy's strided copy of a large transposed matrix misses the cache on every element; tiles of 256 x 256 make
+    the same copy ~3x faster (a Llama loader transposes every linear weight of the checkpoint).
+    """
+    if src.ndim != 2:
+        dst[...] = src.T
+        return
+    rows, cols = src.shape
+    for r in range(0, rows, tile):
+        for c in range(0, cols, tile):
+            dst[c : c + tile, r : r + tile] = src[r : r + tile, c : c + tile].T
+
+
+def _read_exact(f, offset: int, out: np.ndarray) -> None:
+    """Fills ``out`` (C-contiguous) with the bytes of ``f`` at ``offset``."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ValueError(f"{getattr(f, 'name', f)}: unexpected end of file at byte {offset + done}")
+        done += n
+
+
+class _Closable:
+    """Context-manager support for the file readers below (``with SafetensorsFile(p) as f: ...``)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------------- safetensors
+
+
+class SafetensorsFile(_Closable):
+    """One safetensors file: the header is parsed once; tensors are read with positioned reads (no memory map)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self._f = open(self.path, "rb")  # noqa: SIM115  (kept open for the reader's lifetime)
+        try:
+            size = os.fstat(self._f.fileno()).st_size
+            (n,) = struct.unpack("<Q", self._f.read(8))
+            if n > size - 8:
+                raise ValueError(f"{self.path}: not a safetensors file (header length {n} > file size {size})")
+            header = json.loads(self._f.read(n))
+        except BaseException:
+            self._f.close()
+            raise
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._entries: dict[str, dict[str, Any]] = header
+        self._data_start = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        tag = self._entries[key]["dtype"]
+        if tag not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {tag}")
+        return SAFETENSORS_DTYPES[tag]
+
+    def read(self, key: str) -> np.ndarray:
+        entry = self._entries[key]
+        out = np.empty(self.shape(key), self.dtype(key))
+        begin, end = entry["data_offsets"]
+        if end - begin != out.nbytes:
+            raise ValueError(f"{self.path}: tensor {key!r} spans {end - begin} bytes, its shape needs {out.nbytes}")
+        _read_exact(self._f, self._data_start + begin, out)
+        return out
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, tuple[int, ...], Any, Callable[[], np.ndarray]]],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Streams tensors into a safetensors file, producing (and holding) one tensor at a time.
+
+    Args:
+      path: file to write.
+      tensors: ``(name, shape, dtype, produce)``; ``produce()`` returns the array (cast to ``dtype`` here).
+      metadata: the header's ``__metadata__`` (e.g. ``{"format": "pt"}``).
+
+    Returns:
+      Bytes of tensor data written.
+    """
+    tensors = list(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape, dtype, _ in tensors:
+        dtype = np.dtype(dtype)
+        if dtype not in _SAFETENSORS_TAGS:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        span = [offset, offset + nbytes]
+        header[name] = {"dtype": _SAFETENSORS_TAGS[dtype], "shape": list(shape), "data_offsets": span}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, produce in tensors:
+            array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype))
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r}: produced shape {array.shape}, declared {tuple(shape)}")
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+    return offset
+
+
+# ---------------------------------------------------------------------------------------------- torch zip pickle
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A ``pytorch_model.bin`` whose pickle needs something other than tensors, storages and dicts."""
+
+
+class _StorageType(NamedTuple):
+    name: str
+    dtype: np.dtype
+
+
+class _Storage(NamedTuple):
+    key: str
+    dtype: np.dtype
+    numel: int
+
+
+class TorchTensorRef(NamedTuple):
+    """A tensor of a torch pickle: where its elements live, not the elements (those are read on demand)."""
+
+    storage: _Storage
+    offset: int  # in elements
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stand-in for ``torch._utils._rebuild_tensor_v2``: records the view, reads nothing."""
+    del requires_grad, backward_hooks, metadata
+    if not isinstance(storage, _Storage):
+        raise UnsafeCheckpointError(f"tensor rebuilt from {type(storage).__name__}, not from a storage")
+    return TorchTensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    """Stand-in for ``torch._utils._rebuild_parameter`` (an ``nn.Parameter`` is its tensor)."""
+    del requires_grad, backward_hooks
+    if not isinstance(data, TorchTensorRef):
+        raise UnsafeCheckpointError(f"parameter rebuilt from {type(data).__name__}, not from a tensor")
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", name): _StorageType(name, dtype) for name, dtype in TORCH_STORAGE_DTYPES.items()},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals; storages come from ``persistent_load`` as descriptors."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self._source = source
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[module, name]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"{self._source}: refusing to load global '{module}.{name}' from the pickle; only torch tensors, "
+                "typed storages and OrderedDict are allowed (anything else could run arbitrary code). Convert the "
+                "checkpoint to safetensors with torch if you trust it."
+            ) from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(f"{self._source}: unsupported persistent id {pid!r} (expected a storage)")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise UnsafeCheckpointError(f"{self._source}: storage of unsupported type {storage_type!r}")
+        return _Storage(str(key), storage_type.dtype, int(numel))
+
+
+class TorchBinFile(_Closable):
+    """One ``torch.save`` zip file of a state dict, read without torch.
+
+    The pickle is parsed at construction (no tensor data is read); :meth:`read` reads the bytes a tensor spans
+    in its storage and applies its offset, shape and strides.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        if not zipfile.is_zipfile(self.path):
+            raise ValueError(
+                f"{self.path} is not a zip archive: legacy (torch<1.6) or TorchScript serialisation is not supported; "
+                "re-save it with torch.save (zip format) or as safetensors"
+            )
+        self._zip = zipfile.ZipFile(self.path)
+        try:
+            self.tensors: dict[str, TorchTensorRef] = self._parse()
+        except BaseException:
+            self._zip.close()
+            raise
+        self._file = open(self.path, "rb")  # noqa: SIM115  (positioned reads of uncompressed members)
+        self._data_offsets: dict[str, int] = {}
+
+    def _parse(self) -> dict[str, TorchTensorRef]:
+        """The state dict's tensor descriptors (the pickle, unpickled with the allow-list)."""
+        pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ValueError(f"{self.path}: expected one '<name>/data.pkl' in the archive, found {pickles}")
+        self._prefix = pickles[0][: -len("data.pkl")]
+        byteorder = self._prefix + "byteorder"
+        if byteorder in self._zip.namelist() and self._zip.read(byteorder).decode().strip() != "little":
+            raise ValueError(f"{self.path}: big-endian torch checkpoints are not supported")
+        with self._zip.open(pickles[0]) as f:
+            state = _RestrictedUnpickler(f, str(self.path)).load()
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{self.path}: the pickle holds a {type(state).__name__}, not a state dict")
+        bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, TorchTensorRef)]
+        if bad:
+            raise ValueError(f"{self.path}: entries that are not tensors: {bad[:5]}")
+        return dict(state)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key].shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.tensors[key].storage.dtype
+
+    def _member_offset(self, info: zipfile.ZipInfo) -> int:
+        """File offset of an uncompressed member's bytes (after its local header)."""
+        if info.filename not in self._data_offsets:
+            self._file.seek(info.header_offset)
+            local = self._file.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{self.path}: bad local header for {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            self._data_offsets[info.filename] = info.header_offset + 30 + name_len + extra_len
+        return self._data_offsets[info.filename]
+
+    def read(self, key: str) -> np.ndarray:
+        ref = self.tensors[key]
+        dtype, itemsize = ref.storage.dtype, ref.storage.dtype.itemsize
+        if any(s < 0 for s in ref.strides) or ref.offset < 0:
+            raise ValueError(f"{self.path}: tensor {key!r} has negative strides or offset")
+        if 0 in ref.shape:
+            return np.empty(ref.shape, dtype)
+        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides, strict=True))
+        if last >= ref.storage.numel:
+            raise ValueError(f"{self.path}: tensor {key!r} reads past the end of storage {ref.storage.key}")
+        count = last + 1 - ref.offset
+        member = f"{self._prefix}data/{ref.storage.key}"
+        try:
+            info = self._zip.getinfo(member)
+        except KeyError:
+            raise ValueError(f"{self.path}: storage {member!r} of tensor {key!r} is missing") from None
+        if info.file_size != ref.storage.numel * itemsize:
+            raise ValueError(f"{self.path}: storage {member!r} has {info.file_size} bytes, expected "
+                             f"{ref.storage.numel} x {itemsize}")
+        span = np.empty(count, dtype)
+        if info.compress_type == zipfile.ZIP_STORED:
+            _read_exact(self._file, self._member_offset(info) + ref.offset * itemsize, span)
+        else:  # torch writes uncompressed members; a re-zipped archive still loads, slower
+            raw = self._zip.read(member)[ref.offset * itemsize : (last + 1) * itemsize]
+            span[...] = np.frombuffer(raw, dtype)
+        if not ref.shape:  # as_strided treats shape () as "keep the input's shape"
+            return span.reshape(())
+        view = np.lib.stride_tricks.as_strided(
+            span, shape=ref.shape, strides=tuple(s * itemsize for s in ref.strides), writeable=False
+        )
+        return np.ascontiguousarray(view)
+
+    def close(self) -> None:
+        self._file.close()
+        self._zip.close()
+
+
+def load_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a ``torch.save`` state dict (``pytorch_model.bin``) as numpy arrays, without torch.
+
+    Args:
+      path: the ``.bin`` file (torch>=1.6 zip serialisation).
+
+    Returns:
+      ``{state-dict key: array}`` in torch layout (bf16 as ``ml_dtypes.bfloat16``); tensors that share a
+      storage (tied weights, views) come back as independent arrays.
+
+    Raises:
+      UnsafeCheckpointError: the pickle names a global outside the allow-list (nothing is executed).
+      ValueError: not a zip-format torch file, or a malformed one.
+
+    Example::
+
+      state = load_torch_bin("pytorch_model.bin")
+      w_OxI = state["bert.encoder.layer.0.attention.self.query.weight"]
+    """
+    with TorchBinFile(path) as f:
+        return {k: f.read(k) for k in f.keys()}
+
+
+# ------------------------------------------------------------------------------------------------ flax msgpack
+
+
+def flax_to_torch_key(flax_path: tuple[str, ...], ndim: int | None = None) -> tuple[str, tuple[int, ...] | None]:
+    """HF-Flax parameter path -> (torch state-dict key, axis permutation to torch layout or None).
+
+    Follows transformers 4.x ``convert_flax_state_dict_to_pt``: ``kernel`` becomes ``weight`` (4-D conv kernels
+    permuted ``(3, 2, 0, 1)``, others transposed), ``scale`` and ``embedding`` become ``weight``, anything else
+    (``bias``, Llama's RMSNorm ``weight``, CLIP's ``class_embedding``) keeps its name; the path joins with ``.``.
+
+    Example::
+
+      flax_to_torch_key(("bert", "encoder", "layer", "0", "attention", "self", "query", "kernel"), 2)
+      # -> ("bert.encoder.layer.0.attention.self.query.weight", (1, 0))
+    """
+    *modules, leaf = flax_path
+    perm = None
+    if leaf == "kernel":
+        leaf = "weight"
+        if ndim is not None:
+            perm = (3, 2, 0, 1) if ndim == 4 else tuple(range(ndim))[::-1]
+    elif leaf in ("scale", "embedding"):
+        leaf = "weight"
+    return ".".join([*modules, leaf]), perm
+
+
+def _flat_msgpack(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
+    """Leaves of a restored msgpack tree; keys of sharded files are already ``/``-joined paths."""
+    for k, v in tree.items():
+        path = (*prefix, *str(k).split("/"))
+        if isinstance(v, Mapping) and "__msgpack_chunked_array__" not in v:
+            yield from _flat_msgpack(v, path)
+        else:
+            yield path, v
+
+
+def _strip_collection(tree: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    if set(tree) == {"params"}:  # a whole variables dict
+        return tree["params"]
+    if "batch_stats" in tree:
+        raise ValueError(f"{source}: Flax checkpoints with batch statistics are not supported")
+    return tree
+
+
+class FlaxMsgpackFile(_Closable):
+    """One HF-Flax ``flax_model.msgpack`` (or shard), restored with ``flax.serialization.msgpack_restore`` and
+    exposed under torch state-dict keys, in torch layout (transposed views; nothing is copied)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from flax.serialization import msgpack_restore
+
+        self.path = pathlib.Path(path)
+        tree = _strip_collection(msgpack_restore(self.path.read_bytes()), str(self.path))
+        self.tensors: dict[str, np.ndarray] = {}
+        self.flax_keys: dict[str, str] = {}
+        for fpath, value in _flat_msgpack(tree):
+            array = np.asarray(value)
+            key, perm = flax_to_torch_key(fpath, array.ndim)
+            if key in self.tensors:
+                raise ValueError(f"{self.path}: Flax params {self.flax_keys[key]!r} and {'/'.join(fpath)!r} "
+                                 f"both map to {key!r}")
+            self.tensors[key] = array if perm is None else array.transpose(perm)
+            self.flax_keys[key] = "/".join(fpath)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def read(self, key: str) -> np.ndarray:
+        return self.tensors[key]
+
+    def close(self) -> None:
+        self.tensors.clear()
+
+
+def _msgpack_keys(path: pathlib.Path) -> list[str]:
+    """Torch keys of a msgpack file without building its arrays (array payloads are skipped)."""
+    import msgpack
+
+    def skip_arrays(code, data):
+        return None
+
+    tree = msgpack.unpackb(path.read_bytes(), ext_hook=skip_arrays, raw=False)
+    tree = _strip_collection(tree, str(path))
+    return [flax_to_torch_key(p)[0] for p, _ in _flat_msgpack(tree)]
+
+
+def load_flax_msgpack(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a ``transformers<5`` Flax checkpoint (``flax_model.msgpack``) under torch keys, in torch layout.
+
+    Args:
+      path: the msgpack file.
+
+    Returns:
+      ``{torch state-dict key: array}`` (see :func:`flax_to_torch_key`).
+
+    Example::
+
+      state = load_flax_msgpack("flax_model.msgpack")
+      w_OxI = state["model.layers.0.self_attn.q_proj.weight"]  # from model/layers/0/self_attn/q_proj/kernel
+    """
+    return dict(FlaxMsgpackFile(path).tensors)
+
+
+# ------------------------------------------------------------------------------------------------ folder level
+
+
+def _open(path: pathlib.Path):
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix == ".bin":
+        return TorchBinFile(path)
+    if path.suffix == ".msgpack":
+        return FlaxMsgpackFile(path)
+    raise ValueError(f"{path}: unknown checkpoint file type (expected .safetensors, .bin or .msgpack)")
+
+
+def _flax_index_key(key: str) -> str:
+    return flax_to_torch_key(tuple(key.split("/")))[0]
+
+
+def _keys_of(cls) -> Callable[[pathlib.Path], list[str]]:
+    def keys(path: pathlib.Path) -> list[str]:
+        with cls(path) as f:
+            return f.keys()
+
+    return keys
+
+
+def checkpoint_files(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
+    """Checkpoint key (torch naming) -> file holding it, for the weights of a HF checkpoint folder.
+
+    Looks, in this order, for ``model.safetensors.index.json``, ``model.safetensors``,
+    ``pytorch_model.bin.index.json``, ``pytorch_model.bin``, ``flax_model.msgpack.index.json``,
+    ``flax_model.msgpack``; the first one present is used.
+
+    Raises:
+      FileNotFoundError: none of them is present.
+    """
+    folder = pathlib.Path(folder)
+    formats = (
+        (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _keys_of(SafetensorsFile), None),
+        (TORCH_WEIGHTS_INDEX_NAME, TORCH_WEIGHTS_NAME, _keys_of(TorchBinFile), None),
+        (FLAX_WEIGHTS_INDEX_NAME, FLAX_WEIGHTS_NAME, _msgpack_keys, _flax_index_key),
+    )
+    for index_name, single_name, list_keys, rename in formats:
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {(rename(k) if rename else k): folder / f for k, f in weight_map.items()}
+        single = folder / single_name
+        if single.is_file():
+            return dict.fromkeys(list_keys(single), single)
+    names = ", ".join(n for f in formats for n in f[:2])
+    raise FileNotFoundError(f"No checkpoint weights in {folder}: looked for {names}")
+
+
+class TensorReader(_Closable):
+    """Reads one tensor at a time as numpy from the files :func:`checkpoint_files` returns, keeping one open
+    handle per file (plain file reads, no memory maps) until :meth:`close` or garbage collection."""
+
+    def __init__(self):
+        self._files: dict[pathlib.Path, Any] = {}
+
+    def _file(self, path: pathlib.Path):
+        path = pathlib.Path(path)
+        if path not in self._files:
+            self._files[path] = _open(path)
+        return self._files[path]
+
+    def shape(self, file: pathlib.Path, key: str) -> tuple[int, ...]:
+        return tuple(self._file(file).shape(key))
+
+    def read(self, file: pathlib.Path, key: str) -> np.ndarray:
+        return self._file(file).read(key)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __del__(self):  # the loaders drop their reader when done: release the file handles then
+        self.close()
