@@ -6,12 +6,12 @@ import functools
 import math
 from fractions import Fraction
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toys import ScannedMLP
 
 import jgoat
 from jgoat.adapters.gora import allocate_ranks
@@ -20,21 +20,8 @@ D, H, L = 16, 32, 3
 TARGETS = ["up", "down", "head"]
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = jax.nn.gelu(nn.Dense(H, name="up")(x))
-        return x + nn.Dense(D, name="down")(h), None
-
-
-class Net(nn.Module):
-    """Three scanned residual MLP blocks (stacked kernels [3, in, out]) and an unstacked head."""
-
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
-        x, _ = scan(name="layers")(x, None)
-        return nn.Dense(D, name="head")(x)
+def Net():
+    return ScannedMLP(width=D, hidden=H, layers=L)
 
 
 def mse_loss(model):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toys import ScannedMLP
 
 import jgoat
 from jgoat.adapters import init_fn
@@ -302,19 +303,8 @@ def test_kasa_rslora_scaling_matches_peft():
 D, H, LAYERS, TOKENS, BATCH, STEPS = 16, 32, 2, 4, 16, 100
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = jax.nn.gelu(nn.Dense(H, name="up")(x))
-        return x + nn.Dense(D, name="down")(h), None
-
-
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(Block, variable_axes={"params": 0, "jgoat_aux": 0}, split_rngs={"params": True}, length=LAYERS)
-        x, _ = scan(name="layers")(x, None)
-        return nn.Dense(D, name="head")(x)
+def Net():
+    return ScannedMLP(width=D, hidden=H, layers=LAYERS)
 
 
 MODEL = Net()

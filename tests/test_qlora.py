@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toys import ScannedMLP
 
 import jgoat
 from jgoat import quant
@@ -211,22 +212,8 @@ def test_bitsandbytes_bit_exact(shape):
 D, H, L = 32, 64, 3
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = jax.nn.gelu(nn.Dense(H, name="up")(x))
-        return x + nn.Dense(D, name="down")(h), None
-
-
-class Net(nn.Module):
-    """Scanned residual MLP blocks (kernels [L, in, out]) and an unquantised head."""
-
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(Block, variable_axes={"params": 0, "jgoat_aux": 0},
-                       split_rngs={"params": True, "dropout": True}, length=L)
-        x, _ = scan(name="layers")(x, None)
-        return nn.Dense(D, name="head")(x)
+def Net():
+    return ScannedMLP(width=D, hidden=H, layers=L)
 
 
 class Heads(nn.Module):

@@ -2,34 +2,20 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toys import ScannedMLP
 
 import jgoat
 
 D, H = 32, 64
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = jax.nn.gelu(nn.Dense(H, name="up")(x))
-        return x + nn.Dense(D, name="down")(h), None
-
-
-class Net(nn.Module):
-    """Three scanned residual MLP blocks and a head; 'jgoat_aux' is listed so GOAT's aux leaves the scan."""
-
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(nn.remat(Block), variable_axes={"params": 0, "jgoat_aux": 0},
-                       split_rngs={"params": True, "dropout": True}, length=3)
-        x, _ = scan(name="layers")(x, None)
-        return nn.Dense(D, name="head")(x)
+def Net():
+    return ScannedMLP(width=D, hidden=H, layers=3, remat=True)
 
 
 def toy_problem(seed=0):
