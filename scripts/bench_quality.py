@@ -5,6 +5,9 @@ markdown table (mean ± std test accuracy, seconds) and a bar plot. Every method
 data order; LoRA-family methods and GOAT/MoLoRA use equal total rank.
 
     .venv/bin/python scripts/bench_quality.py --seeds 0 1 2 --steps 300 --out runs/quality
+
+Rows are appended to <out>/quality.jsonl as each run finishes; rerunning with the same --out skips the (method,
+seed) pairs already there, so an interrupted benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -22,17 +25,17 @@ from jgoat import data as data_lib
 from jgoat.models import from_pretrained, load_tokenizer, minilm_path
 
 # (display name, CLI method, extra CLI knobs, learning rate)
-METHODS = [
+METHODS = [  # run in this order, so an interrupted benchmark has the headline comparison first
     ("frozen", "frozen", {}, 5e-3),
-    ("full FT", "full", {}, 5e-5),
     ("LoRA", "lora", {}, 1e-3),
+    ("MoLoRA", "molora", {}, 1e-3),
+    ("GOAT", "goat", {}, 1e-3),
+    ("full FT", "full", {}, 5e-5),
+    ("GOAT (scaling alpha)", "goat", {"scaling": "alpha"}, 1e-3),
     ("rsLoRA", "rslora", {}, 1e-3),
     ("DoRA", "dora", {}, 1e-3),
     ("PiSSA", "pissa", {}, 1e-3),
     ("MiLoRA", "milora", {}, 1e-3),
-    ("MoLoRA", "molora", {}, 1e-3),
-    ("GOAT", "goat", {}, 1e-3),
-    ("GOAT (scaling alpha)", "goat", {"scaling": "alpha"}, 1e-3),
 ]
 
 
@@ -50,22 +53,27 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     data = data_lib.load_text_classification(tokenizer, max_length=base.max_length, test_size=base.test_size)
     model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=jax.random.key(0))
-    rows = []
+    out = pathlib.Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "quality.jsonl"
+    rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     for name, method, knobs, lr in METHODS:
         if opts.methods and name not in opts.methods:
             continue
         for seed in opts.seeds:
+            if any(r["method"] == name and r["seed"] == seed and r["steps"] == opts.steps for r in rows):
+                continue
             args = argparse.Namespace(**{**vars(base), "method": method, "seed": seed, **knobs,
-                                         "out": f"{opts.out}/seed{seed}", "resume": False})
+                                         "out": f"{opts.out}/seed{seed}", "resume": True})  # continue a run cut off mid-way
             run = name.replace(" ", "_").replace("(", "").replace(")", "")
             start = time.perf_counter()
             result = cli.fit(args, run, cli.method_config(args), model, params, data, lr)
-            rows.append({"method": name, "seed": seed, "lr": lr, "accuracy": result["test_accuracy"],
-                         "seconds": time.perf_counter() - start})
+            rows.append({"method": name, "seed": seed, "steps": opts.steps, "lr": lr,
+                         "accuracy": result["test_accuracy"], "seconds": time.perf_counter() - start})
+            with open(done_path, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
             print(json.dumps(rows[-1]), flush=True)
-    out = pathlib.Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(rows, indent=2))
+    rows = [r for r in rows if r["steps"] == opts.steps]
     lines = ["| method | lr | test accuracy (mean ± std) | seeds | s/run |", "|---|---|---|---|---|"]
     summary = []
     for name, *_ in METHODS:
