@@ -63,8 +63,9 @@ def main() -> None:
         for seed in opts.seeds:
             if any(r["method"] == name and r["seed"] == seed and r["steps"] == opts.steps for r in rows):
                 continue
+            # resume: a run cut off mid-way continues from its last checkpoint
             args = argparse.Namespace(**{**vars(base), "method": method, "seed": seed, **knobs,
-                                         "out": f"{opts.out}/seed{seed}", "resume": True})  # continue a run cut off mid-way
+                                         "out": f"{opts.out}/seed{seed}", "resume": True})
             run = name.replace(" ", "_").replace("(", "").replace(")", "")
             start = time.perf_counter()
             result = cli.fit(args, run, cli.method_config(args), model, params, data, lr)
