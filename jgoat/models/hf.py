@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -146,6 +147,53 @@ def _init_head_leaf(key: jax.Array, leaf: str, shape_dtype: jax.ShapeDtypeStruct
     return fill(shape_dtype.shape, shape_dtype.dtype)
 
 
+def read_matching(
+    files: dict[str, pathlib.Path],
+    canonical: dict[str, str],
+    want_shapes: dict[tuple[str, ...], jax.ShapeDtypeStruct],
+    hf_name: Callable[[tuple[str, ...]], str],
+    *,
+    torch_shape: Callable[[tuple[str, ...], tuple[int, ...]], tuple[int, ...]],
+    from_torch: Callable[[tuple[str, ...], Any], Any],
+    param_dtype: Any,
+    what: str,
+) -> tuple[dict[tuple[str, ...], jax.Array], set[str], list[tuple[tuple[str, ...], str]]]:
+    """Reads every wanted Flax leaf from the checkpoint tensor of the same HF name, one tensor at a time.
+
+    Args:
+      files: checkpoint key -> file holding it; canonical: HF name (prefix removed) -> checkpoint key.
+      want_shapes: flat Flax path -> expected shape/dtype; hf_name: Flax path -> HF name.
+      torch_shape: (Flax path, Flax shape) -> the shape the checkpoint stores; from_torch: (path, array) -> Flax layout.
+      what: "<folder> as <model>" for the error message.
+
+    Returns:
+      ``(flat params cast to param_dtype, checkpoint keys used, [(path, HF name)] of head/pooler leaves to init)``.
+
+    Raises:
+      ValueError: listing every missing (non-head) tensor and every shape mismatch; nothing partial is returned.
+    """
+    reader = _Reader()
+    flat: dict[tuple[str, ...], jax.Array] = {}
+    used: set[str] = set()
+    missing, mismatched, to_init = [], [], []
+    for fpath, want in want_shapes.items():
+        name = hf_name(fpath)
+        ck = canonical.get(name)
+        if ck is None:
+            (to_init if name.startswith(_HEAD_PREFIXES) else missing).append((fpath, name))
+            continue
+        used.add(ck)
+        shape, expected = reader.shape(files[ck], ck), torch_shape(fpath, want.shape)
+        if shape != expected:  # both in the checkpoint's (torch) layout
+            mismatched.append(f"{ck}: checkpoint {shape} vs expected {expected}")
+            continue
+        flat[fpath] = jnp.asarray(from_torch(fpath, reader.read(files[ck], ck)), dtype=param_dtype)
+    if missing or mismatched:
+        lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
+        raise ValueError(f"Cannot load {what}:\n  " + "\n  ".join(lines))
+    return flat, used, to_init
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -238,30 +286,17 @@ def from_pretrained(
             raise ValueError(f"Checkpoint keys {canonical[name]!r} and {ck!r} both map to {name!r}")
         canonical[name] = ck
 
-    reader = _Reader()
     want_shapes = traverse_util.flatten_dict(shapes)
-    flat: dict[tuple[str, ...], jax.Array] = {}
-    used: set[str] = set()
-    missing, mismatched, to_init = [], [], []
-    for fpath, want in want_shapes.items():
-        name, transpose = hf_key(fpath[1:] if fpath[0] == prefix else fpath)
-        ck = canonical.get(name)
-        if ck is None:
-            (to_init if name.startswith(_HEAD_PREFIXES) else missing).append((fpath, name))
-            continue
-        used.add(ck)
-        shape, expected = reader.shape(files[ck], ck), want.shape[::-1] if transpose else want.shape
-        if shape != expected:  # both in the checkpoint's (torch) layout
-            mismatched.append(f"{ck}: checkpoint {shape} vs expected {expected}")
-            continue
-        array = reader.read(files[ck], ck)
-        flat[fpath] = jnp.asarray(array.T if transpose else array, dtype=param_dtype)
-    if missing or mismatched:
-        lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
-        raise ValueError(
-            f"Cannot load {folder} as {config.model_type} {task} (HF keys, with or without the '{prefix}.' "
-            "prefix):\n  " + "\n  ".join(lines)
-        )
+
+    def hf_name_transposed(fpath: tuple[str, ...]) -> tuple[str, bool]:
+        return hf_key(fpath[1:] if fpath[0] == prefix else fpath)
+
+    flat, used, to_init = read_matching(
+        files, canonical, want_shapes, lambda p: hf_name_transposed(p)[0],
+        torch_shape=lambda p, shape: shape[::-1] if hf_name_transposed(p)[1] else shape,
+        from_torch=lambda p, a: a.T if hf_name_transposed(p)[1] else a,
+        param_dtype=param_dtype,
+        what=f"{folder} as {config.model_type} {task} (HF keys, with or without the '{prefix}.' prefix)")
 
     key = jax.random.key(0) if key is None else key
     for i, (fpath, _) in enumerate(to_init):

@@ -45,7 +45,7 @@ import numpy as np
 from flax import traverse_util
 
 from jgoat.models.bert import _ACTIVATIONS as _BERT_ACTIVATIONS
-from jgoat.models.hf import LoadingInfo, _checkpoint_files, _Reader
+from jgoat.models.hf import LoadingInfo, _checkpoint_files, read_matching
 
 logger = logging.getLogger(__name__)
 
@@ -644,8 +644,6 @@ class ViTForImageClassification(nn.Module):
 # --------------------------------------------------------------------------------------------------------- loader
 
 _PREFIX = {"clip": "vision_model", "clip_vision_model": "vision_model", "vit": "vit"}
-# Parts that HF initialises freshly (with a warning) when a checkpoint lacks them.
-_HEAD_PREFIXES = ("classifier.", "pooler.")
 # Non-persistent torch buffers that older checkpoints still contain: reported in LoadingInfo.unused, not logged.
 _BUFFER_KEYS = ("embeddings.position_ids",)
 _LAYER_NAME = re.compile(r"^(layers?)_(\d+)$")  # Flax "layers_3" / "layer_3" <-> HF "layers.3" / "layer.3"
@@ -766,29 +764,12 @@ def load_vision_model(
             raise ValueError(f"Checkpoint keys {canonical[name]!r} and {ck!r} both map to {name!r}")
         canonical[name] = ck
 
-    reader = _Reader()
     want_shapes = traverse_util.flatten_dict(shapes)
-    flat: dict[tuple[str, ...], jax.Array] = {}
-    used: set[str] = set()
-    missing, mismatched, to_init = [], [], []
-    for fpath, want in want_shapes.items():
-        name = vision_hf_key(fpath[1:] if fpath[0] == prefix else fpath)
-        ck = canonical.get(name)
-        if ck is None:
-            (to_init if name.startswith(_HEAD_PREFIXES) else missing).append((fpath, name))
-            continue
-        used.add(ck)
-        shape, expected = reader.shape(files[ck], ck), _torch_shape(want.shape, fpath[-1])
-        if shape != expected:  # both in the checkpoint's (torch) layout
-            mismatched.append(f"{ck}: checkpoint {shape} vs expected {expected}")
-            continue
-        flat[fpath] = jnp.asarray(_from_torch(reader.read(files[ck], ck), fpath[-1]), dtype=param_dtype)
-    if missing or mismatched:
-        lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
-        raise ValueError(
-            f"Cannot load {folder} as {model_type} {task} (HF keys, with or without the '{prefix}.' prefix):\n  "
-            + "\n  ".join(lines)
-        )
+    flat, used, to_init = read_matching(
+        files, canonical, want_shapes, lambda p: vision_hf_key(p[1:] if p[0] == prefix else p),
+        torch_shape=lambda p, shape: _torch_shape(shape, p[-1]), from_torch=lambda p, a: _from_torch(a, p[-1]),
+        param_dtype=param_dtype,
+        what=f"{folder} as {model_type} {task} (HF keys, with or without the '{prefix}.' prefix)")
 
     key = jax.random.key(0) if key is None else key
     for i, (fpath, name) in enumerate(to_init):
