@@ -70,18 +70,28 @@ def minilm_path() -> pathlib.Path:
     return folder
 
 
+def model_folder(path: str | os.PathLike) -> pathlib.Path:
+    """The folder itself, or for a ``.gguf`` file its converted HF folder (:func:`jgoat.models.gguf.converted`)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from jgoat.models.gguf import converted
+
+        return converted(path)
+    return path
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The HF tokenizer saved in a checkpoint folder (``transformers.AutoTokenizer``; no torch needed).
 
     Args:
-      path: checkpoint folder.
+      path: checkpoint folder, or a Llama ``.gguf`` file (converted once and cached).
 
     Returns:
       A ``transformers`` tokenizer.
     """
     import transformers  # imported lazily: slow, and only needed for tokenisation
 
-    return transformers.AutoTokenizer.from_pretrained(str(path))
+    return transformers.AutoTokenizer.from_pretrained(str(model_folder(path)))
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -210,7 +220,8 @@ def from_pretrained(
 
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json``; else
-        ``pytorch_model.bin[.index.json]`` or ``flax_model.msgpack[.index.json]``).
+        ``pytorch_model.bin[.index.json]`` or ``flax_model.msgpack[.index.json]``), or a Llama ``.gguf`` file
+        (dequantised to a float32 HF folder once and cached: :func:`jgoat.models.gguf.converted`).
       num_labels: classifier size; default from the config (``len(id2label)``, else 2).
       dtype: compute dtype and dtype the parameters are cast to (unless ``param_dtype`` is given).
       task: BERT / RoBERTa: ``"sequence-classification"`` (the default; :class:`BertForSequenceClassification`)
@@ -241,7 +252,7 @@ def from_pretrained(
       lm, lm_params, lm_cfg = from_pretrained(qwen_folder, dtype=jnp.bfloat16, remat_policy="dots")
       logits_BxTxV = lm.apply({"params": lm_params}, ids_BxT, mask_BxT).logits
     """
-    folder = pathlib.Path(path)
+    folder = model_folder(path)
     from jgoat.models import vit  # lazily: vit imports this module
 
     if vit.is_vision_checkpoint(folder):  # model_type vit / clip / clip_vision_model
