@@ -13,6 +13,7 @@ from jgoat.models.bert import (
     position_ids_from_input_ids,
 )
 from jgoat.models.formats import UnsafeCheckpointError, load_flax_msgpack, load_torch_bin
+from jgoat.models.gguf import convert_gguf, smollm2_path
 from jgoat.models.hf import LoadingInfo, from_pretrained, hf_key, load_tokenizer, minilm_path, read_config
 from jgoat.models.io import save_pretrained
 from jgoat.models.llama import (
@@ -93,6 +94,8 @@ __all__ = [
     "init_cache",
     "load_tokenizer",
     "minilm_path",
+    "smollm2_path",
+    "convert_gguf",
     "position_ids_from_input_ids",
     "position_ids_from_mask",
     "read_config",
