@@ -4,10 +4,18 @@ Tolerance for logits (fp32): jgoat and torch evaluate the same algebra with diff
 widths ≤ 40 and O(1) values; the worst-case rounding bound is ~ n·u·Σ|terms| ≈ 40 · 6e-8 · O(1) ≈ 3e-6, so
 ``ATOL = RTOL = 2e-5`` leaves a few times that margin. PiSSA-family exports add one rounding of B' = −res_B / s'
 (relative 6e-8), far inside it. Round trips through the files are exact (transposes and concatenations only).
+
+IA³, KaSA and GoRA exports use the same 2e-5. KaSA's truncated base is re-derived by peft (torch SVD) from the torch
+base and was derived by jgoat (its own SVD) from the same weights: the two differ by ≈ u · σ₁² / gap per entry
+(Wedin), so the KaSA twins get spectra with σ₁ = 2 and a gap of 0.5 at the truncation point (≈ 6e-8 · 4 / 0.5 ≈ 5e-7,
+inside the same tolerance); their re-imports are bit-exact (the import re-derives the truncation with wrap's code).
+GoRA exports unpadded per-layer slices with rank_pattern / alpha_pattern: peft's scaling rounds to the same fp32 s_l.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 
@@ -29,7 +37,8 @@ peft = pytest.importorskip("peft")
 IN, HID, OUT, N_CLS = 24, 40, 16, 3
 D, F, L = 16, 32, 3  # stacked model: width, hidden, layers
 ATOL = RTOL = 2e-5
-ADAPTERS = (jgoat.LoraAdapter, jgoat.DoraAdapter, jgoat.GoatAdapter)
+ADAPTERS = (jgoat.LoraAdapter, jgoat.DoraAdapter, jgoat.GoatAdapter, jgoat.IA3Adapter, jgoat.KasaAdapter,
+            jgoat.GoraAdapter)
 
 
 class TorchMLP(torch.nn.Module):
@@ -396,6 +405,180 @@ def test_import_peft_errors(tmp_path):
                       key=jax.random.key(0))
     with pytest.raises(ValueError, match="already holds a DoraAdapter"):
         import_peft(dora, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF PEFT: IA³, KaSA, GoRA
+
+
+IA3_CASES = {
+    "mlp": (_mlp, FlaxMLP, (4, IN), jgoat.IA3Config(targets=["fc1", "fc2"], feedforward=["fc2"],
+                                                    modules_to_save=["head"])),
+    "stack": (_stack, FlaxStack, (2, 5, D), jgoat.IA3Config(targets=["fc1", "fc2"], feedforward=["fc2"])),
+}
+
+
+@pytest.mark.parametrize("case", list(IA3_CASES))
+def test_ia3_export_loads_in_peft(case, tmp_path):
+    model_fn, flax_model, x_shape, cfg = IA3_CASES[case]
+    _, params = model_fn()
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 11)
+    export_peft(wrapped, cfg, tmp_path)
+    conf = _config(tmp_path)
+    names = ["fc1", "fc2"] if case == "mlp" else [f"layers.{i}.{n}" for n in ("fc1", "fc2") for i in range(L)]
+    assert conf["peft_type"] == "IA3" and conf["target_modules"] == sorted(names)
+    assert conf["feedforward_modules"] == sorted(n for n in names if n.endswith("fc2"))
+    assert conf["modules_to_save"] == (["head"] if case == "mlp" else None)
+    shapes = {k: v.shape for k, v in load_file(os.path.join(tmp_path, "adapter_model.safetensors")).items()}
+    hidden = HID if case == "mlp" else F
+    assert shapes[f"base_model.model.{names[0]}.ia3_l"] == (hidden, 1)  # out-side (fc1): [out, 1]
+    assert shapes[f"base_model.model.{names[-1]}.ia3_l"] == (1, hidden)  # feed-forward (fc2): [1, in]
+
+    x = _x(x_shape)
+    want = _jgoat_logits(flax_model(), wrapped, x)
+    assert not np.allclose(want, _jgoat_logits(flax_model(), params, x), atol=1e-3)  # the adapter matters
+    got, loaded = _peft_logits(_fresh(model_fn), tmp_path, x)
+    assert isinstance(loaded.base_model, peft.IA3Model)
+    _close(f"export ia3 {case}: peft logits", got, want)
+    chex.assert_trees_all_equal(import_peft(params, tmp_path), wrapped)
+    chex.assert_trees_all_equal(import_peft(jgoat.wrap(params, cfg, key=jax.random.key(3)), tmp_path), wrapped)
+
+
+def _spectral(out_f: int, in_f: int, r: int, seed: int) -> np.ndarray:
+    """[out, in] with singular values linspace(2, 0.8), then a gap, then the r smallest linspace(0.3, 0.05)."""
+    rng = np.random.default_rng(seed)
+    h = min(out_f, in_f)
+    u, _ = np.linalg.qr(rng.standard_normal((out_f, h)))
+    v, _ = np.linalg.qr(rng.standard_normal((in_f, h)))
+    s = np.concatenate([np.linspace(2.0, 0.8, h - r), np.linspace(0.3, 0.05, r)])
+    return ((u * s) @ v.T).astype(np.float32)
+
+
+def _spectral_twin(model_fn, r: int):
+    """model_fn's twin whose fc1 / fc2 weights have a spectral gap before their r smallest singular values."""
+    model = model_fn()[0]
+    with torch.no_grad():
+        for i, (name, module) in enumerate(sorted(model.named_modules())):
+            if name.endswith(("fc1", "fc2")):
+                module.weight.copy_(torch.from_numpy(_spectral(*module.weight.shape, r, 20 + i)))
+    return model
+
+
+def _params_of(model) -> dict:
+    if isinstance(model, TorchStack):
+        per_layer = {n: [_linear_params(getattr(b, n)) for b in model.layers] for n in ("fc1", "fc2")}
+        layers = {n: {k: jnp.stack([p[k] for p in ps]) for k in ("kernel", "bias")} for n, ps in per_layer.items()}
+        return {"layers": layers, "head": _linear_params(model.head)}
+    return {n: _linear_params(getattr(model, n)) for n in ("fc1", "fc2", "head")}
+
+
+KASA_CASES = {"mlp": (_mlp, FlaxMLP, (4, IN), False), "stack-rslora": (_stack, FlaxStack, (2, 5, D), True)}
+
+
+@pytest.mark.parametrize("case", list(KASA_CASES))
+def test_kasa_export_loads_in_peft(case, tmp_path):
+    model_fn, flax_model, x_shape, rslora = KASA_CASES[case]
+    twin = functools.partial(_spectral_twin, model_fn, 4)
+    params = _params_of(twin())
+    cfg = jgoat.KasaConfig(rank=4, alpha=8.0, beta=2e-4, gamma=3e-3, use_rslora=rslora, targets=["fc1", "fc2"])
+    wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 12)
+    export_peft(wrapped, cfg, tmp_path)
+    conf = _config(tmp_path)
+    assert conf["peft_type"] == "LORA" and conf["kasa_config"] == {"beta": 2e-4, "gamma": 3e-3}
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8 and conf["use_rslora"] is rslora and conf["use_dora"] is False
+    keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
+    assert {k.rsplit(".", 1)[-1] for k in keys if "lora_diag" in k} == {"lora_diag"}
+    assert len(keys) == 3 * len(conf["target_modules"])  # lora_A, lora_B, lora_diag per layer
+
+    x = _x(x_shape)
+    want = _jgoat_logits(flax_model(), wrapped, x)
+    got, loaded = _peft_logits(twin(), tmp_path, x)  # peft truncates the torch base itself when loading
+    first = loaded.base_model.model.fc1 if case == "mlp" else loaded.base_model.model.layers[0].fc1
+    assert type(first.lora_variant["default"]).__name__ == "KasaLinearVariant"
+    assert first.scaling["default"] == pytest.approx(cfg.scale, rel=1e-12)
+    _close(f"export kasa {case}: peft logits", got, want)
+    assert not np.allclose(want, _jgoat_logits(flax_model(), params, x), atol=1e-3)
+    # the import re-derives the truncated part from the kernels with wrap's own code: bit-exact round trip
+    chex.assert_trees_all_equal(import_peft(params, tmp_path), wrapped)
+
+
+def test_kasa_export_refuses_a_truncation_peft_cannot_reproduce(tmp_path):
+    _, params = _mlp()
+    cfg = jgoat.KasaConfig(rank=4, truncation="reference", targets=["fc1", "fc2"])  # fc2 40 → 16 keeps all 16
+    wrapped = jgoat.wrap(params, cfg, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="at 'fc2' drops 0 singular triplets.*peft's KaSA always drops r = 4"):
+        export_peft(wrapped, cfg, tmp_path)
+    with pytest.raises(ValueError, match="beta, gamma"):
+        export_peft(wrapped, jgoat.KasaConfig(rank=4, beta=0.5, targets=["fc1"]), tmp_path)
+    with pytest.raises(ValueError, match="cfg is a LoraConfig but the tree holds other adapters at fc1 \\(KasaAdapter"):
+        export_peft(wrapped, jgoat.LoraConfig(rank=4, targets=["fc1", "fc2"]), tmp_path)
+
+
+GORA_RANKS = {"layers/fc1": np.array([1, 3, 2]), "layers/fc2": np.array([2, 2, 2]), "head": np.array(3)}
+GORA_CFGS = {
+    "dynamic-rslora": jgoat.GoraConfig(targets=["fc1", "fc2", "head"], r_ref=2, alpha=4.0),
+    "fixed-scaling": jgoat.GoraConfig(targets=["fc1", "fc2", "head"], r_ref=2, alpha=4.0, dynamic_scaling=False,
+                                      use_rslora=False),
+}
+
+
+def _gora_tree(params, cfg, seed):
+    """A GoRA tree with the ranks above and 'trained' A, B: padded columns / rows kept 0 (as training keeps them)."""
+    tree = _perturb(jgoat.gora_wrap(params, cfg, key=jax.random.key(0), ranks=GORA_RANKS), seed)
+
+    def mask(node):
+        live = np.arange(node.A.shape[-1]) < np.asarray(node.rank)[..., None]  # [*stack, r_pad]
+        return node.replace(A=jnp.where(live[..., None, :], node.A, 0.0), B=jnp.where(live[..., :, None], node.B, 0.0))
+
+    return jax.tree.map(lambda n: mask(n) if isinstance(n, jgoat.GoraAdapter) else n, tree,
+                        is_leaf=lambda n: isinstance(n, jgoat.GoraAdapter))
+
+
+@pytest.mark.parametrize("tag", list(GORA_CFGS))
+def test_gora_export_loads_in_peft(tag, tmp_path):
+    cfg = GORA_CFGS[tag]
+    _, params = _stack()
+    tree = _gora_tree(params, cfg, 13)
+    assert tree["layers"]["fc1"]["jgoat"].A.shape == (L, D, 3)  # padded to the stack's largest rank
+    export_peft(tree, cfg, tmp_path)
+    conf = _config(tmp_path)
+    assert conf["r"] == 2 and conf["use_rslora"] is cfg.use_rslora
+    assert conf["rank_pattern"] == {"^head": 3, "^layers\\.0\\.fc1": 1, "^layers\\.1\\.fc1": 3}
+    if cfg.dynamic_scaling:  # s_l = alpha / √r_l is peft's own formula: one alpha for every layer
+        assert conf["lora_alpha"] == 4 and conf["alpha_pattern"] == {}
+    else:  # s_l = alpha / r_ref for every rank: peft needs alpha_l = alpha · r_l / r_ref
+        assert conf["lora_alpha"] == 4 and conf["alpha_pattern"] == {"^head": 6, "^layers\\.0\\.fc1": 2,
+                                                                     "^layers\\.1\\.fc1": 6}
+    keys = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert keys["base_model.model.layers.0.fc1.lora_A.weight"].shape == (1, D)  # unpadded slices
+    assert keys["base_model.model.layers.1.fc1.lora_B.weight"].shape == (F, 3)
+
+    x = _x((2, 5, D))
+    want = _jgoat_logits(FlaxStack(), tree, x)
+    assert not np.allclose(want, _jgoat_logits(FlaxStack(), params, x), atol=1e-3)
+    got, loaded = _peft_logits(_fresh(_stack), tmp_path, x)
+    for i in range(L):  # peft's per-layer scaling reproduces GoRA's s_l (stored in fp32)
+        layer = loaded.base_model.model.layers[i].fc1
+        assert np.float32(layer.scaling["default"]) == tree["layers"]["fc1"]["jgoat"].scale[i]
+        assert layer.r["default"] == GORA_RANKS["layers/fc1"][i]
+    _close(f"export gora {tag}: peft logits", got, want)
+
+    template = jgoat.gora_wrap(params, cfg, key=jax.random.key(5), ranks=jgoat.gora_ranks(tree))
+    chex.assert_trees_all_equal(import_peft(template, tmp_path), tree)  # GoRA layers back, exactly
+    plain = import_peft(params, tmp_path)  # plain params: uneven stacks become GoRA layers, even ones LoRA
+    assert isinstance(plain["layers"]["fc1"]["jgoat"], jgoat.GoraAdapter)
+    chex.assert_trees_all_equal(plain["layers"]["fc1"], tree["layers"]["fc1"])
+    if cfg.dynamic_scaling:  # equal ranks and scalings: an ordinary LoRA stack
+        assert isinstance(plain["layers"]["fc2"]["jgoat"], jgoat.LoraAdapter)
+    _close(f"export gora {tag}: re-imported logits", _jgoat_logits(FlaxStack(), plain, x), want)
+
+
+def test_gora_export_refuses_another_config(tmp_path):
+    _, params = _stack()
+    cfg = GORA_CFGS["dynamic-rslora"]
+    tree = jgoat.gora_wrap(params, cfg, key=jax.random.key(0), ranks=GORA_RANKS)
+    with pytest.raises(ValueError, match="GoRA scalings at 'head'.*not those of cfg"):
+        export_peft(tree, dataclasses.replace(cfg, alpha=8.0), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

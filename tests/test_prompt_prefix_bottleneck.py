@@ -8,6 +8,7 @@ METHODS.md. Training touches only the new leaves; a model without the hook point
 import copy
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,42 @@ def test_prefix_generation_uses_the_prefix_in_the_kv_cache(llama):
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 4:], -1)), np.asarray(out[:, 5:]))
 
 
+def test_prompt_generation_matches_peft_and_the_no_cache_forward(llama):
+    """Greedy tokens of jgoat's KV-cache generate with prompt tuning = peft's generate (same virtual-token weights);
+    a left-padded row = the same row unpadded; tokens = argmax of no-cache forwards over the growing sequences.
+
+    peft's generate drops position_ids for prompt learning ("Position ids are not supported ..."), so on LEFT-padded
+    rows its positions count the pad slots; jgoat keeps HF's mask-based positions there (padding-invariant, and the
+    same as its no-cache forward). Unpadded rows, where both agree by definition, are compared with peft.
+    """
+    torch_model, (model, params, _) = llama
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                 num_virtual_tokens=P)).eval()
+    with torch.no_grad():  # a prompt of the embeddings' scale, so the virtual tokens steer the continuation
+        pm.prompt_encoder["default"].embedding.weight.mul_(0.05)
+    wrapped = jgoat.add_prompt(params, jgoat.PromptTuningConfig(P), key=jax.random.key(0))
+    wrapped["model"][PROMPT_KEY]["embedding"] = _t(pm.prompt_encoder["default"].embedding.weight)
+    ids = np.random.default_rng(3).integers(3, TINY["vocab_size"], size=(2, 6))
+    n_new, T = 6, ids.shape[1]
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.int64),
+                          max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    out = np.asarray(generate(model, wrapped, jnp.asarray(ids), max_new_tokens=n_new))
+    np.testing.assert_array_equal(out[:, T:], ref[:, -n_new:])
+    base = np.asarray(generate(model, params, jnp.asarray(ids), max_new_tokens=n_new))
+    assert np.any(base[:, T:] != out[:, T:])  # the virtual tokens change the continuation
+
+    padded = np.concatenate([np.zeros((2, 2), ids.dtype), ids], axis=1)
+    mask = np.ones(padded.shape, np.int64)
+    mask[0, :2] = 0
+    padded[1] = np.concatenate([ids[1], [7, 9]])  # row 1: 8 real tokens
+    out_p = np.asarray(generate(model, wrapped, jnp.asarray(padded), jnp.asarray(mask), max_new_tokens=n_new))
+    np.testing.assert_array_equal(out_p[0, -n_new:], out[0, T:])  # left padding changes nothing
+    full_mask = np.concatenate([mask, np.ones((2, n_new), mask.dtype)], axis=1)
+    logits = jax.jit(model.apply)({"params": wrapped}, jnp.asarray(out_p[:, :-1]), jnp.asarray(full_mask[:, :-1]))
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits.logits[:, T + 1:], -1)), out_p[:, T + 2:])
+
+
 def test_prompt_inits_and_errors(llama):
     _, (model, params, cfg) = llama
     table = np.asarray(params["model"]["embed_tokens"]["embedding"])
@@ -151,8 +188,6 @@ def test_prompt_inits_and_errors(llama):
         jgoat.PromptTuningConfig(P, init="zeros")
     with pytest.raises(ValueError, match="already hold"):
         jgoat.add_prefix(sv, cfg, jgoat.PrefixTuningConfig(P), key=jax.random.key(0))
-    with pytest.raises(ValueError, match="decode=True"):
-        generate(model, sv, jnp.ones((1, 3), jnp.int32), max_new_tokens=1)
 
 
 def test_foreign_models_are_rejected(llama):
@@ -318,3 +353,50 @@ def test_bottleneck_training_changes_only_new_leaves(bert):
         else:
             np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
     assert n_new == 2 * BERT.num_hidden_layers * 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: jgoat.save / jgoat.restore of the new leaves
+
+
+def _new_leaves_perturbed(tree, keys, seed):
+    """Every leaf under a dict named in `keys` plus N(0, 0.1²) noise (a 'trained' adapter); the rest untouched."""
+    rng = np.random.default_rng(seed)
+
+    def visit(node, inside):
+        if isinstance(node, dict):
+            return {k: visit(v, inside or k in keys) for k, v in node.items()}
+        if inside and hasattr(node, "shape"):
+            return node + jnp.asarray(0.1 * rng.standard_normal(node.shape), node.dtype)
+        return node
+
+    return visit(tree, False)
+
+
+def _ckpt_cases(llama, bert):
+    (_, (model, params, cfg)), (bert_model, bert_params, bert_ids) = llama, bert
+    ids = jnp.asarray(_batch()[0])
+    return {
+        "prompt": (lambda key: jgoat.add_prompt(params, jgoat.PromptTuningConfig(P), key=key),
+                   PROMPT_KEY, lambda t: model.apply({"params": t}, ids).logits),
+        "prefix-mlp": (lambda key: jgoat.add_prefix(params, cfg, jgoat.PrefixTuningConfig(P, prefix_projection=True),
+                                                    key=key),
+                       PREFIX_KEY, lambda t: model.apply({"params": t}, ids).logits),
+        "bottleneck": (lambda key: jgoat.add_bottleneck(bert_params, BERT, jgoat.BottleneckConfig(reduction_factor=4),
+                                                        key=key),
+                       BOTTLENECK_KEY, lambda t: bert_model.apply({"params": t}, bert_ids)),
+    }
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix-mlp", "bottleneck"])
+def test_checkpoint_round_trip(llama, bert, method, tmp_path):
+    add, key_name, forward = _ckpt_cases(llama, bert)[method]
+    trained = _new_leaves_perturbed(add(jax.random.key(1)), {key_name}, seed=4)
+    jgoat.save(tmp_path, trained, step=7, metadata={"method": method})
+    template = add(jax.random.key(2))  # same shapes, other values
+    assert float(jnp.max(jnp.abs(forward(template) - forward(trained)))) > 1e-3  # the restore has to do something
+    restored, _, record = jgoat.restore(tmp_path, template)
+    assert record["step"] == 7 and record["metadata"] == {"method": method}
+    assert all(key_name in p.split("/") for p in record["adapter_paths"])  # exactly the new leaves are saved
+    chex.assert_trees_all_equal(restored, trained)
+    np.testing.assert_array_equal(np.asarray(forward(restored)), np.asarray(forward(trained)))

@@ -39,7 +39,9 @@ with the same shapes without any gradient: ``gora_wrap(base, cfg, key=key, ranks
 A GoRA layer is a LoRA layer (same forward, exact merge). It is not stored as a ``LoraAdapter`` because that node's
 scale is one static number per module (shared by a whole stack) while GoRA's s_l depends on each layer's rank, and
 because a padded stack needs the rank mask; ``GoraAdapter`` is LoRA plus exactly those two frozen leaves.
-``jgoat.export_peft`` does not handle it (peft would need rank_pattern/alpha_pattern and unpadded slices).
+``jgoat.export_peft(tree, cfg, ...)`` writes it as a peft LoRA: each layer's unpadded slices, its rank in
+``rank_pattern`` and ``GoraConfig.peft_alpha(r_l)`` in ``alpha_pattern`` (peft's α'/r_l or α'/√r_l is then s_l);
+``jgoat.import_peft`` onto a ``gora_wrap(..., ranks=...)`` template reads it back into GoRA layers.
 """
 
 from __future__ import annotations
@@ -119,6 +121,13 @@ class GoraConfig(AdapterConfig):
         """s_l for a layer of rank r_l: alpha / d, d = r_l (dynamic_scaling) or r_ref, √d with use_rslora."""
         d = rank if self.dynamic_scaling else self.r_ref
         return self.alpha / (math.sqrt(d) if self.use_rslora else d)
+
+    def peft_alpha(self, rank: int) -> float:
+        """The lora_alpha with which peft's scaling (alpha/r, or alpha/√r with use_rslora) of a rank-r layer is s_l."""
+        if self.dynamic_scaling:
+            return self.alpha
+        ratio = rank / self.r_ref
+        return self.alpha * (math.sqrt(ratio) if self.use_rslora else ratio)
 
     def init_coef(self, rank: int, in_features: int) -> float:
         """c_l with s_l·A·B = σ·lr_init·√(in/r_l)·P_A·Ḡ: B = c_l · pinv(AᵀA) Aᵀ Ḡ."""

@@ -232,15 +232,23 @@ def prefix_key_values(node: Mapping, model_config: Any) -> jax.Array:
     ``2i + 1`` its values.
     """
     L, K, H = _kv_dim(model_config)
-    e = node["embedding"].astype(jnp.float32)
-    if "w1" in node:
-        e = jnp.tanh(e @ node["w1"].astype(jnp.float32) + node["b1"].astype(jnp.float32)[None, :])
-        e = e @ node["w2"].astype(jnp.float32) + node["b2"].astype(jnp.float32)[None, :]
+    f32 = {k: jnp.asarray(v, jnp.float32) for k, v in node.items() if hasattr(v, "shape")}  # jnp math, even eagerly
+    e = f32["embedding"]
+    if "w1" in f32:
+        e = jnp.tanh(e @ f32["w1"] + f32["b1"][None, :])
+        e = e @ f32["w2"] + f32["b2"][None, :]
     p = e.shape[0]
     if e.shape[1] != L * 2 * K * H:
         raise ValueError(f"jgoat_prefix produces {e.shape[1]} values per virtual token, the model needs "
                          f"L·2·K·H = {L * 2 * K * H}")
     return e.reshape(p, L, 2, K, H).transpose(1, 2, 0, 3, 4)
+
+
+def num_virtual_tokens(params: Mapping) -> int:
+    """p of the prompt-tuning entry ``model/jgoat_prompt`` of decoder params (0 without prompt tuning)."""
+    model_dict = params.get("model") if isinstance(params, Mapping) else None
+    node = model_dict.get(PROMPT_KEY) if isinstance(model_dict, Mapping) else None
+    return 0 if node is None else int(node["embedding"].shape[0])
 
 
 def read_hooks(module: Any, model_config: Any) -> tuple[jax.Array | None, jax.Array | None]:

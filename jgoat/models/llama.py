@@ -97,6 +97,8 @@ class LlamaConfig:
         (``layers_{i}``).
       remat_policy: None (no rematerialisation) or a name in :data:`REMAT_POLICIES` ("full" recomputes the whole
         layer, "dots" saves matmul outputs, ...); applied per layer in training (not in KV-cache decoding).
+      moe_experts: 0 for the dense MLP; E > 0 replaces every MLP by :class:`LlamaMoeMLP`, E SwiGLU experts with a
+        top-``moe_top_k`` router (the upcycled full-FT MoE baseline of GOAT's Table 7).
     """
 
     vocab_size: int = 32000
@@ -123,6 +125,8 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat_policy: str | None = None
+    moe_experts: int = 0
+    moe_top_k: int = 2
 
     def __post_init__(self):
         if self.model_type not in DECODER_MODEL_TYPES:
@@ -150,6 +154,11 @@ class LlamaConfig:
             raise ValueError(
                 f"Unknown remat_policy {self.remat_policy!r}; supported: None, {', '.join(REMAT_POLICIES)}"
             )
+        if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
+            raise ValueError(f"moe_experts must be >= 0 and moe_top_k in [1, moe_experts], got moe_experts="
+                             f"{self.moe_experts}, moe_top_k={self.moe_top_k}")
+        if self.moe_experts and self.mlp_bias:
+            raise ValueError("the MoE MLP (moe_experts > 0) has no biases; set mlp_bias=False")
         object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
         rope = self.rope_parameters
         if rope.get("rope_type", "default") not in ROPE_TYPES:
@@ -381,6 +390,37 @@ class LlamaMLP(nn.Module):
         return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(h_BxTxF)
 
 
+class LlamaMoeMLP(nn.Module):
+    """Upcycled MoE: ``Σ_e g_e(x) · SwiGLU_e(x)``, g the router softmax kept on its top k and renormalised to sum 1.
+
+    Params (``mlp/``): ``router`` [D, E], ``gate_proj`` / ``up_proj`` [E, D, F], ``down_proj`` [E, F, D] (plain
+    arrays, so adapters' "all-linear" does not target them). Every expert runs on every token (dense dispatch, E × the
+    MLP's FLOPs); with all experts equal to one MLP the output is that MLP's (the upcycling identity).
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.config
+        E, D, F = cfg.moe_experts, cfg.hidden_size, cfg.intermediate_size
+        init = nn.initializers.normal(cfg.initializer_range)
+        router_DxE = self.param("router", init, (D, E), cfg.param_dtype)
+        gate_ExDxF = self.param("gate_proj", init, (E, D, F), cfg.param_dtype).astype(cfg.dtype)
+        up_ExDxF = self.param("up_proj", init, (E, D, F), cfg.param_dtype).astype(cfg.dtype)
+        down_ExFxD = self.param("down_proj", init, (E, F, D), cfg.param_dtype).astype(cfg.dtype)
+        x_BxTxD = x_BxTxD.astype(cfg.dtype)
+        p_BxTxE = jax.nn.softmax(jnp.einsum("btd,de->bte", x_BxTxD.astype(jnp.float32),
+                                            router_DxE.astype(jnp.float32)), axis=-1)
+        w_BxTxK, idx_BxTxK = jax.lax.top_k(p_BxTxE, cfg.moe_top_k)
+        w_BxTxK = w_BxTxK / jnp.sum(w_BxTxK, axis=-1, keepdims=True)
+        g_BxTxE = jnp.sum(jax.nn.one_hot(idx_BxTxK, E, dtype=jnp.float32) * w_BxTxK[..., None], axis=-2)
+        gate_BxTxExF = jnp.einsum("btd,edf->btef", x_BxTxD, gate_ExDxF)
+        h_BxTxExF = _ACTIVATIONS[cfg.hidden_act](gate_BxTxExF) * jnp.einsum("btd,edf->btef", x_BxTxD, up_ExDxF)
+        y_BxTxExD = jnp.einsum("btef,efd->bted", h_BxTxExF, down_ExFxD)
+        return jnp.einsum("bted,bte->btd", y_BxTxExD, g_BxTxE.astype(cfg.dtype))
+
+
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm layer: ``x + self_attn(input_layernorm(x))``, then ``x + mlp(post_attention_layernorm(x))``.
 
@@ -399,7 +439,7 @@ class LlamaDecoderLayer(nn.Module):
         h_BxTxD = _rms_norm(cfg, "input_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + attn(h_BxTxD, keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH)
         h_BxTxD = _rms_norm(cfg, "post_attention_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + LlamaMLP(cfg, name="mlp")(h_BxTxD)
+        x_BxTxD = x_BxTxD + (LlamaMoeMLP if cfg.moe_experts else LlamaMLP)(cfg, name="mlp")(h_BxTxD)
         return x_BxTxD, (x_BxTxD if self.emit_hidden else None)
 
 
@@ -444,6 +484,7 @@ class LlamaModel(nn.Module):
         position_ids_BxT: jax.Array | None = None,
         *,
         decode: bool = False,
+        prompt_in_cache: bool = False,
         deterministic: bool = True,
         output_hidden_states: bool = False,
     ) -> LlamaModelOutput:
@@ -456,7 +497,10 @@ class LlamaModel(nn.Module):
           position_ids_BxT: None gives :func:`position_ids_from_mask` (HF ``generate``'s positions; for a
             right-padded or unpadded batch these are ``0..T-1`` on real tokens, as HF's forward).
           decode: use and update the ``'cache'`` collection (pass ``mutable=["cache"]``); the new tokens go to the
-            slots after those already cached (``cache/model/index``).
+            slots after those already cached (``cache/model/index``). With prompt tuning the p virtual tokens take
+            cache slots ``0..p-1`` (the cache needs p extra slots) and ``attention_mask`` covers the other slots.
+          prompt_in_cache: decode with prompt tuning only: the virtual tokens are already cached (every call after
+            the prefill, which must be the first call on the cache and prepends them); ignored otherwise.
           deterministic: disables attention dropout.
           output_hidden_states: also return every layer's input and the final normed state.
 
@@ -470,15 +514,13 @@ class LlamaModel(nn.Module):
         prompt_PxD, prefix_Lx2xPxKxH = read_hooks(self, cfg)  # hook points: None unless params hold them
         n_prompt = 0 if prompt_PxD is None else prompt_PxD.shape[0]
         n_prefix = 0 if prefix_Lx2xPxKxH is None else prefix_Lx2xPxKxH.shape[2]
-        if decode and n_prompt:
-            raise ValueError("prompt tuning (model/jgoat_prompt) does not support decode=True / KV-cache generation "
-                             "yet; use prefix tuning, or run the full sequence without decode")
+        n_virtual = n_prompt if not (decode and prompt_in_cache) else 0  # virtual tokens this call prepends
         if decode:
             if attention_mask is None:
                 raise ValueError("decode=True needs attention_mask [B, cache_length] (prompt mask, then ones)")
             index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
             slot0 = index.value
-            index.value = slot0 + T
+            index.value = slot0 + T + n_virtual
         else:
             slot0 = jnp.zeros((), jnp.int32)
             if attention_mask is None:
@@ -490,9 +532,9 @@ class LlamaModel(nn.Module):
         if n_prompt:  # prompt tuning (as peft): virtual tokens first, mask ones, positions 0..p-1, then the real ones
             attention_mask = jnp.concatenate([jnp.ones((B, n_prompt), attention_mask.dtype), attention_mask], axis=1)
             if position_ids_BxT is not None:
-                virtual_BxP = jnp.broadcast_to(jnp.arange(n_prompt, dtype=jnp.int32)[None], (B, n_prompt))
-                position_ids_BxT = jnp.concatenate([virtual_BxP, position_ids_BxT + n_prompt], axis=1)
-            T, S = T + n_prompt, S + n_prompt
+                virtual_BxV = jnp.broadcast_to(jnp.arange(n_virtual, dtype=jnp.int32)[None], (B, n_virtual))
+                position_ids_BxT = jnp.concatenate([virtual_BxV, position_ids_BxT + n_prompt], axis=1)
+            T, S = T + n_virtual, S + n_prompt
         _check_key_length(cfg, S + n_prefix)
         if position_ids_BxT is None:
             position_ids_BxT = jax.lax.dynamic_slice_in_dim(position_ids_from_mask(attention_mask), slot0, T, axis=1)
@@ -513,7 +555,7 @@ class LlamaModel(nn.Module):
             embedding_init=nn.initializers.normal(cfg.initializer_range),
             name="embed_tokens",
         )(input_ids_BxT)
-        if n_prompt:
+        if n_virtual:
             prompt_BxPxD = jnp.broadcast_to(prompt_PxD.astype(cfg.dtype)[None], (B, n_prompt, cfg.hidden_size))
             x_BxTxD = jnp.concatenate([prompt_BxPxD, x_BxTxD.astype(cfg.dtype)], axis=1)
         layer_cls = LlamaDecoderLayer
@@ -542,7 +584,7 @@ class LlamaModel(nn.Module):
                 x_BxTxD, _ = layer_cls(cfg, **kwargs, name=f"layers_{i}")(x_BxTxD, *layer_args)
                 hidden.append(x_BxTxD)
         x_BxTxD = _rms_norm(cfg, "norm")(x_BxTxD)
-        if n_prompt:  # outputs for the real positions only (labels stay [B, T])
+        if n_virtual:  # outputs for the real positions only (labels stay [B, T])
             x_BxTxD = x_BxTxD[:, n_prompt:]
             hidden = [h_BxTxD[:, n_prompt:] for h_BxTxD in hidden]
         if not output_hidden_states:
@@ -568,6 +610,7 @@ class LlamaForCausalLM(nn.Module):
         position_ids_BxT: jax.Array | None = None,
         *,
         decode: bool = False,
+        prompt_in_cache: bool = False,
         deterministic: bool = True,
         output_hidden_states: bool = False,
         only_last_logits: bool = False,
@@ -575,8 +618,8 @@ class LlamaForCausalLM(nn.Module):
         """Next-token logits for a batch of sequences.
 
         Args:
-          input_ids_BxT, attention_mask, position_ids_BxT, decode, deterministic, output_hidden_states: as
-            :meth:`LlamaModel.__call__`.
+          input_ids_BxT, attention_mask, position_ids_BxT, decode, prompt_in_cache, deterministic,
+            output_hidden_states: as :meth:`LlamaModel.__call__`.
           only_last_logits: compute the head on the last position only (logits ``[B, 1, V]``), as generation needs.
 
         Returns:
@@ -593,6 +636,7 @@ class LlamaForCausalLM(nn.Module):
             attention_mask,
             position_ids_BxT,
             decode=decode,
+            prompt_in_cache=prompt_in_cache,
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,
         )
@@ -721,15 +765,15 @@ def _generation_fns(config: LlamaConfig, top_k: int | None):
     model = LlamaForCausalLM(config)
     run = apply_with_adapters(model.apply)
 
-    def forward(params, cache, ids_BxT, mask_BxS):
+    def forward(params, cache, ids_BxT, mask_BxS, prompt_in_cache):
         out, _, state = run(
-            {"params": params, "cache": cache}, ids_BxT, mask_BxS, decode=True, only_last_logits=True,
-            mutable=["cache"],
+            {"params": params, "cache": cache}, ids_BxT, mask_BxS, decode=True, prompt_in_cache=prompt_in_cache,
+            only_last_logits=True, mutable=["cache"],
         )
         return out.logits[:, -1], state["cache"]
 
     def prefill(params, cache, ids_BxT, mask_BxS, key, greedy, temperature):
-        logits_BxV, cache = forward(params, cache, ids_BxT, mask_BxS)
+        logits_BxV, cache = forward(params, cache, ids_BxT, mask_BxS, False)  # prompt tuning: caches the virtual ones
         return _next_token(logits_BxV, jax.random.fold_in(key, 0), greedy, temperature, top_k), cache
 
     def decode(params, cache, first_B, mask_BxS, key, greedy, temperature, eos_E, pad_id, max_new_tokens):
@@ -746,7 +790,7 @@ def _generation_fns(config: LlamaConfig, top_k: int | None):
         def body(state):
             i, tokens_BxM, cache, done_B = state
             prev_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxM, i - 1, 1, axis=1)
-            logits_BxV, cache = forward(params, cache, prev_Bx1, mask_BxS)
+            logits_BxV, cache = forward(params, cache, prev_Bx1, mask_BxS, True)
             tok_B = _next_token(logits_BxV, jax.random.fold_in(key, i), greedy, temperature, top_k)
             tok_B = jnp.where(done_B, pad_id, tok_B)
             tokens_BxM = jax.lax.dynamic_update_slice_in_dim(tokens_BxM, tok_B[:, None], i, axis=1)
@@ -778,7 +822,9 @@ def generate(
 
     One jitted prefill over the (left-padded) prompts fills cache slots ``0..T-1``; one jitted
     ``lax.while_loop`` then decodes a token per step into a cache of ``T + max_new_tokens`` slots, stopping early
-    once every row has produced an EOS. Adapters in ``params`` (``jgoat.wrap``) are live (``jgoat.apply``).
+    once every row has produced an EOS. Adapters in ``params`` (``jgoat.wrap``) are live (``jgoat.apply``), and so
+    are prompt tuning (the p virtual tokens are prefilled into p extra cache slots, as peft's generate) and prefix
+    tuning (``jgoat.add_prompt`` / ``jgoat.add_prefix``).
 
     Args:
       model: a :class:`LlamaForCausalLM` (only its ``config`` is used).
@@ -820,12 +866,15 @@ def generate(
     mask_BxS = jnp.concatenate(
         [jnp.asarray(attention_mask, jnp.int32), jnp.ones((B, max_new_tokens), jnp.int32)], axis=1
     )
-    _check_key_length(model.config, T + max_new_tokens)
+    from jgoat.adapters.prompt import num_virtual_tokens  # lazy: jgoat.adapters does not depend on the models
+
+    n_virtual = num_virtual_tokens(params)  # prompt tuning: p extra cache slots
+    _check_key_length(model.config, n_virtual + T + max_new_tokens)
     prefill, decode = _generation_fns(model.config, None if greedy else top_k)
     key = jax.random.key(0) if key is None else key
     greedy_ = jnp.asarray(bool(greedy))
     temperature_ = jnp.asarray(1.0 if greedy else temperature, jnp.float32)
-    cache = init_cache(model, B, T + max_new_tokens)
+    cache = init_cache(model, B, n_virtual + T + max_new_tokens)
     first_B, cache = prefill(params, cache, input_ids, mask_BxS, key, greedy_, temperature_)
     new_BxM = decode(
         params, cache, first_B, mask_BxS, key, greedy_, temperature_, eos_E, jnp.asarray(pad_id, jnp.int32),
