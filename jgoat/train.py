@@ -65,6 +65,57 @@ def train_step(
         return task + aux_coeff * aux, (task, aux)
 
     (loss, (task, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+    return _update(state, grads, tx, clip_norm, {"loss": loss, "task_loss": task, "aux": aux})
+
+
+def accumulate_step(
+    state: TrainState,
+    frozen: PyTree,
+    micro_batches: Any,
+    rng: jax.Array,
+    *,
+    loss_fn: LossFn,
+    weight_fn: Callable[[Any], jax.Array],
+    tx: optax.GradientTransformation,
+    aux_coeff: float = 1e-3,
+    clip_norm: float | None = 1.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step from gradients accumulated over micro-batches (``lax.scan``, one micro-batch live).
+
+    `micro_batches` is a pytree whose leaves have a leading micro-batch axis [A, ...]. `loss_fn`'s task loss must
+    be a mean over `weight_fn(micro_batch)` units (examples, or counted tokens for a causal LM): micro-batch i's
+    gradient is weighted by w_i / Σ w, so the step equals :func:`train_step` on the concatenated batch exactly (up
+    to float summation order) even when micro-batches hold different numbers of counted tokens. GOAT's aux loss is
+    a nonlinear function of a batch (load fraction × mean router probability), so it is averaged over micro-batches
+    instead (as HF Trainer does). Micro-batch i gets the rng ``fold_in(rng, i)``.
+
+    Returns:
+      (new state, metrics with loss, task_loss (the weighted mean), aux (the mean), grad_norm).
+    """
+    weights = jax.vmap(weight_fn)(micro_batches).astype(jnp.float32)
+    share = weights / jnp.maximum(jnp.sum(weights), 1.0)
+    count = weights.shape[0]
+
+    def micro(carry, xs):
+        i, batch, w = xs
+
+        def objective(trainable):
+            task, aux = loss_fn(combine(trainable, frozen), batch, jax.random.fold_in(rng, i))
+            return w * task + aux_coeff * aux / count, (task, aux)
+
+        (_, (task, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        total, task_sum, aux_sum = carry
+        return (jax.tree.map(jnp.add, total, grads), task_sum + w * task, aux_sum + aux / count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, task, aux), _ = jax.lax.scan(micro, start, (jnp.arange(count), micro_batches, share))
+    return _update(state, grads, tx, clip_norm, {"loss": task + aux_coeff * aux, "task_loss": task, "aux": aux})
+
+
+def _update(state: TrainState, grads: PyTree, tx: optax.GradientTransformation, clip_norm: float | None,
+            metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Clip `grads` to `clip_norm` (global norm), apply `tx`, and add grad_norm to the metrics."""
     grad_norm = optax.tree.norm(grads)
     if clip_norm is not None:
         factor = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
@@ -72,7 +123,7 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     new = TrainState(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
                      opt_state=opt_state)
-    return new, {"loss": loss, "task_loss": task, "aux": aux, "grad_norm": grad_norm}
+    return new, {**metrics, "grad_norm": grad_norm}
 
 
 def adamw_cosine(

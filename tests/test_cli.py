@@ -62,8 +62,10 @@ def test_train_outputs_and_sigkill_resume_is_exact(tiny_setup, tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     result = json.loads((tmp_path / "a" / "goat" / "result.json").read_text())
     assert 0.0 <= result["test_accuracy"] <= 1.0
-    lines = (tmp_path / "a" / "goat" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "goat" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "task_loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [12]  # 261 examples / 8 > 12 steps: no epoch end
+    assert rows[-1]["eval/accuracy"] == result["test_accuracy"]
     assert (tmp_path / "a" / "goat" / "training.png").stat().st_size > 0
     assert (tmp_path / "a" / "goat" / "expert_load.png").stat().st_size > 0
 
@@ -84,5 +86,5 @@ def test_train_outputs_and_sigkill_resume_is_exact(tiny_setup, tmp_path):
     assert step_a == step_b == 12 and a.keys() == b.keys()
     for name in a:  # same data order, same dropout keys, same compiled step: bit-identical, not merely close
         np.testing.assert_array_equal(a[name], b[name])
-    lines_b = (tmp_path / "b" / "goat" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines_b] == list(range(1, 13))
+    rows_b = [json.loads(line) for line in (tmp_path / "b" / "goat" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b if "task_loss" in r] == list(range(1, 13))

@@ -1,0 +1,233 @@
+"""The three task kinds of `jgoat train`: what a batch is, its loss, its weight under accumulation, its evaluation.
+
+- ``classify``: sequence classification with an encoder (BERT / RoBERTa + classifier); batch {ids, mask, labels}.
+- ``sft``: causal-LM supervised fine-tuning of a decoder (Llama / Mistral / Qwen2); batch {ids, mask, labels} with
+  labels = ids on response tokens and -100 on prompt and padding (loss on response tokens only).
+- ``image``: image classification with CLIP vision / ViT + a linear head; batch {pixels, labels}, pixels produced
+  per batch by HF-identical preprocessing (``jgoat.models.preprocess``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jgoat
+from jgoat import data as data_lib
+
+KINDS = ("classify", "sft", "image")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySplit:
+    """Examples held as equal-length numpy arrays (tokenised text)."""
+
+    arrays: Mapping[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSplit:
+    """Images decoded and preprocessed per batch (a dataset of full-size pixels would not fit in memory)."""
+
+    dataset: Any  # datasets.Dataset
+    image_column: str
+    labels: np.ndarray
+    processor_config: Mapping[str, Any]
+    base_dir: pathlib.Path  # relative image paths are resolved against it
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        from jgoat.models import preprocess
+
+        column = self.dataset[[int(i) for i in idx]][self.image_column]
+        images = [data_lib.rgb_uint8(self.base_dir / x if isinstance(x, str) else x) for x in column]
+        return {"pixels": preprocess(images, dict(self.processor_config)), "labels": self.labels[idx]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A loaded model and its data, ready for `jgoat train`'s loop."""
+
+    kind: str
+    model: Any
+    params: Any
+    train: ArraySplit | ImageSplit
+    eval: ArraySplit | ImageSplit
+    label_names: tuple[str, ...]  # () for sft
+    source: str
+    model_dir: str | None = None  # recorded in exported adapters
+
+    @property
+    def modules_to_save(self) -> tuple[str, ...]:
+        """The new head trains alongside the adapters (classification); an LM keeps its head frozen."""
+        return () if self.kind == "sft" else ("classifier",)
+
+
+def forward(task_kind: str, model, params, batch, rng, *, aux_count_padding: bool = False, collect_load=False):
+    """(logits, aux[, load]) of a batch; rng None means eval (no dropout)."""
+    rngs = {} if rng is None else {"dropout": rng}
+    fn = jgoat.apply(model.apply, collect_load=collect_load)
+    if task_kind == "image":
+        return fn({"params": params}, batch["pixels"], deterministic=rng is None, rngs=rngs)
+    mask = None if aux_count_padding else batch["mask"]
+    out = fn({"params": params}, batch["ids"], batch["mask"], deterministic=rng is None, rngs=rngs, aux_mask=mask)
+    return (out[0].logits, *out[1:]) if task_kind == "sft" else out
+
+
+def loss(task_kind: str, model, params, batch, rng, *, aux_count_padding: bool = False):
+    """(mean task loss, aux): cross-entropy over examples, or over response tokens for sft."""
+    logits, aux = forward(task_kind, model, params, batch, rng, aux_count_padding=aux_count_padding)
+    if task_kind == "sft":
+        from jgoat.models import causal_lm_loss
+
+        return causal_lm_loss(logits, batch["labels"]), aux
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])), aux
+
+
+def weight(task_kind: str, batch) -> jax.Array:
+    """How many units the mean loss of `batch` averages: counted (response) tokens for sft, else examples."""
+    if task_kind == "sft":
+        return jnp.sum(batch["labels"][:, 1:] != data_lib.IGNORE_INDEX)
+    return jnp.asarray(batch["labels"].shape[0])
+
+
+def throughput_units(task_kind: str, batch) -> int:
+    """Tokens (real, unpadded) of a text batch, images of an image batch: the progress bar's rate."""
+    return int(batch["labels"].shape[0]) if task_kind == "image" else int(np.sum(batch["mask"]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_sums(task_kind: str, model, params, batch):
+    """Per-batch sums: (loss sum, correct, counted units) and the GOAT expert load."""
+    logits, _, load = forward(task_kind, model, params, batch, None, collect_load=True)
+    logits = logits.astype(jnp.float32)
+    if task_kind == "sft":
+        logits, targets = logits[:, :-1], batch["labels"][:, 1:]
+        valid = targets != data_lib.IGNORE_INDEX
+    else:
+        targets, valid = batch["labels"], jnp.ones(batch["labels"].shape, bool)
+    safe = jnp.where(valid, targets, 0)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+    correct = (jnp.argmax(logits, axis=-1) == safe) & valid
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(correct), jnp.sum(valid), load
+
+
+def evaluate(task: Task, params, batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Eval metrics over the whole eval split and the mean GOAT expert load per layer.
+
+    classify / image: accuracy and mean cross-entropy per example; sft: mean cross-entropy per response token
+    (``loss``), its ``perplexity`` and next-token ``accuracy`` on response tokens.
+    """
+    total = np.zeros(3)
+    loads = []
+    for start in range(0, len(task.eval), batch_size):
+        batch = task.eval.batch(np.arange(start, min(start + batch_size, len(task.eval))))
+        *values, load = _eval_sums(task.kind, task.model, params, batch)
+        total += [float(v) for v in values]
+        loads.append(load)
+    count = max(total[2], 1.0)
+    metrics = {"loss": total[0] / count, "accuracy": total[1] / count}
+    if task.kind == "sft":
+        metrics["perplexity"] = float(np.exp(metrics["loss"]))
+    load = {k: np.mean([np.asarray(x[k]) for x in loads], axis=0) for k in loads[0]} if loads else {}
+    return metrics, load
+
+
+def classify_task(model, params, data: data_lib.TextClassificationData, model_dir: str | None = None) -> Task:
+    """The task of the embedded default (and any labelled CSV), from already tokenised data."""
+    return Task("classify", model, params,
+                ArraySplit({"ids": data.train_ids, "mask": data.train_mask, "labels": data.train_labels}),
+                ArraySplit({"ids": data.test_ids, "mask": data.test_mask, "labels": data.test_labels}),
+                data.label_names, data.source, model_dir)
+
+
+def _tokenise_pairs(tokenizer, dataset, text_column: str, pair_column: str | None, max_length: int):
+    texts = dataset[text_column]
+    pairs = dataset[pair_column] if pair_column else None
+    enc = tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def load_classify(opts, *, model_dir: str, dtype, key) -> Task:
+    """Encoder + labelled text from `datasets` (text column, optional text-pair column as GLUE, label column)."""
+    from jgoat.models import from_pretrained, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
+                                                opts.seed)
+    label_column = opts.label_column or "label"
+    names = data_lib.label_names_of(train, label_column)
+    splits = []
+    for ds in (train, held_out):
+        ids, mask = _tokenise_pairs(tokenizer, ds, opts.text_column, opts.text_pair_column, opts.max_length)
+        splits.append(ArraySplit({"ids": ids, "mask": mask, "labels": data_lib.label_ids(ds, label_column, names)}))
+    model, params, _ = from_pretrained(model_dir, num_labels=len(names), key=key, dtype=dtype)
+    return Task("classify", model, params, splits[0], splits[1], names, opts.data, model_dir)
+
+
+def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
+    """Decoder + prompt/response or chat-messages data, tokenised with the tokenizer's chat template if any."""
+    from jgoat.models import from_pretrained, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    if opts.data is None:
+        raise ValueError("--task sft needs --data (a json/jsonl/csv/parquet file, a data folder or a hub name)")
+    train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
+                                                opts.seed)
+    kw = dict(max_length=opts.max_length, prompt_column=opts.prompt_column, response_column=opts.response_column,
+              messages_column=opts.messages_column, use_chat_template=not opts.no_chat_template)
+    splits = [ArraySplit(data_lib.sft_arrays(tokenizer, ds, **kw)) for ds in (train, held_out)]
+    model, params, _ = from_pretrained(model_dir, dtype=dtype, remat_policy=opts.remat)
+    return Task("sft", model, params, splits[0], splits[1], (), opts.data, model_dir)
+
+
+def load_image(opts, *, model_dir: str, dtype, key) -> Task:
+    """CLIP vision / ViT + a new linear head; images from an imagefolder or a table with image and label columns."""
+    from jgoat.models import from_pretrained, read_preprocessor_config
+
+    if opts.data is None:
+        raise ValueError("--task image needs --data (an imagefolder directory, a table of image paths, or a hub name)")
+    processor = read_preprocessor_config(model_dir)
+    train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
+                                                opts.seed)
+    label_column = opts.label_column or "label"
+    names = data_lib.label_names_of(train, label_column)
+    base = pathlib.Path(opts.data)
+    base_dir = base.parent if base.is_file() else base
+
+    def split(ds, eval_source):
+        where = base_dir if eval_source is None else pathlib.Path(eval_source).parent
+        return ImageSplit(ds, opts.image_column, data_lib.label_ids(ds, label_column, names), processor, where)
+
+    model, params, _ = from_pretrained(model_dir, num_labels=len(names), key=key, dtype=dtype)
+    return Task("image", model, params, split(train, None), split(held_out, opts.eval_data), names, opts.data,
+                model_dir)
+
+
+def torch_module_name(flax_path: str, index: Sequence[int]) -> str:
+    """HF torch module name of a jgoat module path: ``layer_3``/``layers_3`` → ``layer.3``/``layers.3``, and a
+    scanned decoder's layer index after ``layers`` (``model/layers/self_attn/q_proj``, (3,) →
+    ``model.layers.3.self_attn.q_proj``)."""
+    parts: list[str] = []
+    for part in flax_path.split("/"):
+        name, _, number = part.rpartition("_")
+        parts += [name, number] if name in ("layer", "layers") and number.isdigit() else [part]
+        if part == "layers" and index:
+            parts += [str(i) for i in index]
+    return ".".join(parts)

@@ -1,0 +1,225 @@
+"""`jgoat train --task sft|image` end to end on tiny checkpoints written by transformers, prompt masking against an
+independent torch computation, config files, TensorBoard files (read by tensorboard) and the PEFT export (loaded by
+peft, logits equal to jgoat's)."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import jgoat
+from jgoat import cli, tasks
+from jgoat import data as data_lib
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' </s> ' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}")
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "next", "after", "is", "be",
+         "brief", *NUMBERS]
+
+
+def sft_rows(n=40):
+    return [{"prompt": f"next after {NUMBERS[i % 9]}", "response": f"{NUMBERS[i % 9 + 1]} is next" * (1 + i % 2)}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("sft")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    with open(root / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in sft_rows())
+    return root
+
+
+def test_prompt_masked_loss_equals_torch_on_response_tokens(llama_dir):
+    from jgoat.models import from_pretrained, load_tokenizer
+
+    tok = load_tokenizer(llama_dir / "model")
+    rows = sft_rows(4)
+    table = data_lib.load_table(str(llama_dir / "train.jsonl")).select(range(4))
+    arrays = data_lib.sft_arrays(tok, table, max_length=16)
+    model, params, _ = from_pretrained(llama_dir / "model")
+    jgoat_loss, aux = tasks.loss("sft", model, params, arrays, None)
+
+    torch_model = transformers.LlamaForCausalLM.from_pretrained(llama_dir / "model").eval()
+    nll, count = 0.0, 0
+    for i, row in enumerate(rows):  # independent: the rendered prompt and response tokenised on their own
+        prompt = tok(f"<|user|> {row['prompt']} </s> <|assistant|> ", add_special_tokens=False)["input_ids"]
+        response = tok(f"{row['response']} </s> ", add_special_tokens=False)["input_ids"]
+        full = prompt + response
+        np.testing.assert_array_equal(arrays["ids"][i, :len(full)], full)
+        assert arrays["mask"][i].sum() == len(full) and (arrays["labels"][i, :len(prompt)] == -100).all()
+        with torch.no_grad():
+            logits = torch_model(torch.tensor([full])).logits[0].double()
+        targets = torch.tensor(response)
+        nll += float(torch.nn.functional.cross_entropy(logits[len(prompt) - 1:len(full) - 1], targets,
+                                                       reduction="sum"))
+        count += len(response)
+    assert float(aux) == 0.0
+    np.testing.assert_allclose(float(jgoat_loss), nll / count, rtol=1e-5)
+    # Without the masking (loss on every real token), the value would differ: the test can tell them apart.
+    unmasked = {**arrays, "labels": np.where(arrays["mask"] == 1, arrays["ids"], -100)}
+    assert abs(float(tasks.loss("sft", model, params, unmasked, None)[0]) - nll / count) > 1e-3
+
+
+def test_chat_messages_train_only_assistant_turns(llama_dir):
+    from jgoat.models import load_tokenizer
+
+    tok = load_tokenizer(llama_dir / "model")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "next after one"},
+                {"role": "assistant", "content": "two"}, {"role": "user", "content": "next after two"},
+                {"role": "assistant", "content": "three is next"}]
+    ex = data_lib.tokenize_sft(tok, messages=messages)
+    words = tok.convert_ids_to_tokens(list(ex.ids))
+    trained = [w for w, label in zip(words, ex.labels, strict=True) if label != -100]
+    assert trained == ["two", "</s>", "three", "is", "next", "</s>"]
+    assert [i for i, label in zip(ex.ids, ex.labels, strict=True) if label != -100] == \
+        tok.convert_tokens_to_ids(trained)
+    # No template: prompt (with the tokenizer's specials) + response + EOS, the response and EOS trained.
+    plain = data_lib.tokenize_sft(tok, prompt="next after one", response="two", use_chat_template=False)
+    assert tok.convert_ids_to_tokens(list(plain.ids)) == ["next", "after", "one", "two", "</s>"]
+    assert plain.labels[:3] == (-100,) * 3 and plain.labels[3:] == plain.ids[3:]
+
+
+def test_config_file_values_and_command_line_override(tmp_path):
+    parser = cli.build_parser()
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"_comment": "ignored", "task": "sft", "lr": 2e-5, "batch_size": 16,
+                                  "targets": ["q_proj", "v_proj"], "no-baseline": True, "resume": False,
+                                  "epochs": 3}))
+    argv = ["train", "--config", str(config), "--batch-size", "8"]
+    args = parser.parse_args(["train", *cli.config_argv(config, parser), *argv[1:]])
+    assert (args.task, args.lr, args.batch_size, args.targets) == ("sft", 2e-5, 8, ("q_proj", "v_proj"))
+    assert args.no_baseline and not args.resume and args.epochs == 3 and args.steps == 300
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1e-4}))
+    with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
+        cli.config_argv(tmp_path / "bad.json", parser)
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"rank": 8, "alpha": 16}, sort_keys=False))
+    assert cli.config_argv(tmp_path / "run.yaml", parser) == ["--rank", "8", "--alpha", "16"]
+
+
+def tb_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_sft_cli_epochs_grad_accum_tensorboard_and_peft_export(llama_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    peft = pytest.importorskip("peft")
+    config = tmp_path / "sft.json"
+    config.write_text(json.dumps({"task": "sft", "model": str(llama_dir / "model"),
+                                  "data": str(llama_dir / "train.jsonl"), "method": "lora", "rank": 4, "alpha": 8,
+                                  "lr": 1e-2, "epochs": 5, "batch_size": 8, "max_length": 16, "test_size": 8}))
+    out = tmp_path / "run"
+    # The command line overrides the file: 2 epochs instead of 5; 32 train examples / 8 = 4 steps per epoch.
+    assert cli.main(["train", "--config", str(config), "--epochs", "2", "--grad-accum", "2", "--out", str(out),
+                     "--save-every", "100"]) == 0
+    run_dir = out / "lora"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "task_loss" in r]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert [(r["step"], r["epoch"]) for r in evals] == [(4, 1.0), (8, 2.0)]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]  # it learns the toy mapping
+    np.testing.assert_allclose(evals[-1]["eval/perplexity"], np.exp(evals[-1]["eval/loss"]), rtol=1e-6)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["eval_loss"] == evals[-1]["eval/loss"] and result["steps"] == 8
+    assert (run_dir / "training.png").stat().st_size > 0
+
+    scalars = tb_scalars(run_dir / "tensorboard")  # tensorboard's own reader
+    assert [s for s, _ in scalars["task_loss"]] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in scalars["task_loss"]], [r["task_loss"] for r in train_rows],
+                               rtol=1e-6)
+    assert scalars["eval/loss"] == [(4, pytest.approx(evals[0]["eval/loss"], rel=1e-6)),
+                                    (8, pytest.approx(evals[1]["eval/loss"], rel=1e-6))]
+
+    # The PEFT export loads in peft on the torch model and gives the logits of jgoat's final adapters.
+    from jgoat.models import from_pretrained
+
+    model, params, _ = from_pretrained(llama_dir / "model")
+    cfg = jgoat.LoraConfig(rank=4, alpha=8, targets="all-linear")
+    final, _, record = jgoat.restore(run_dir / "checkpoints", jgoat.wrap(params, cfg, key=jax.random.key(0)))
+    assert record["step"] == 8
+    ids = np.asarray([[1, 4, 7, 8, 12, 2, 5, 13, 9]], np.int32)
+    ours = np.asarray(jgoat.apply(model.apply)({"params": final}, ids)[0].logits)
+    base = np.asarray(model.apply({"params": params}, ids).logits)
+    torch_base = transformers.LlamaForCausalLM.from_pretrained(llama_dir / "model").eval()
+    peft_model = peft.PeftModel.from_pretrained(torch_base, str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.abs(ours - base).max() > 1e-2  # the adapters trained
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_image_cli_trains_head_and_goat_with_outputs(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8)
+    transformers.CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
+         "crop_size": {"height": 32, "width": 32}}))
+    rng = np.random.default_rng(0)
+    for label, level in (("dark", 40), ("light", 200)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(20):
+            pixels = np.clip(rng.normal(level, 30, (40, 36, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "image", "--model", str(tmp_path / "clip"), "--data",
+                     str(tmp_path / "images"), "--out", str(out), "--method", "goat", "--rank", "8", "--experts",
+                     "4", "--epochs", "2", "--batch-size", "8", "--test-size", "8", "--lr", "1e-2",
+                     "--head-lr", "1e-2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["frozen", "goat"]
+    for r in results:  # dark vs light is linearly separable: both reach full accuracy on the 8 held-out images
+        assert r["test_accuracy"] == 1.0 and r["steps"] == 8
+    rows = [json.loads(line) for line in (out / "goat" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [4, 8]
+    assert (out / "goat" / "expert_load.png").stat().st_size > 0
+    assert (out / "goat" / "adapter_goat" / "goat_config.json").is_file()
+    assert tb_scalars(out / "goat" / "tensorboard")["eval/accuracy"][-1] == (8, 1.0)
+
+
+def test_shipped_configs_parse_with_the_published_settings():
+    parser = cli.build_parser()
+    root = pathlib.Path(__file__).parent.parent / "configs"
+    parsed = {f.stem: parser.parse_args(["train", *cli.config_argv(f, parser)]) for f in root.glob("*.json")}
+    assert sorted(parsed) == ["commonsense_llama2_7b", "glue_roberta_large", "image_clip_vit_b32", "math_llama2_7b"]
+    published = {  # GOAT.md §6: task, r, alpha, lr, batch, eta, rho
+        "glue_roberta_large": ("classify", 32, 64, 1e-4, 256, 1.0, 10.0),
+        "image_clip_vit_b32": ("image", 8, 16, 1e-4, 512, 1.0, 10.0),
+        "commonsense_llama2_7b": ("sft", 32, 64, 1e-4, 16, 0.1, 20.0),
+        "math_llama2_7b": ("sft", 8, 16, 2e-5, 32, 1.0, 10.0),
+    }
+    for name, a in parsed.items():
+        assert (a.task, a.rank, a.alpha, a.lr, a.batch_size, a.eta, a.rho) == published[name], name
+        assert (a.experts, a.top_k, a.warmup_ratio, a.clip_norm, a.dtype) == (8, 2, 0.03, 1.0, "bfloat16"), name
+    assert parsed["commonsense_llama2_7b"].targets == ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
