@@ -39,7 +39,21 @@ from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, 
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
 from jgoat.quant import NF4Kernel, dequantize, dequantize_tree, quantize_nf4
 from jgoat.train import TrainState, adamw_cosine, cosine_schedule, freeze_base, train_step
-from jgoat.wrap import adapters, combine, mark_trainable, merge, split, summary, trainable_mask, unmerge, wrap
+from jgoat.wrap import (
+    adapter_names,
+    adapters,
+    add_adapter,
+    combine,
+    delete_adapter,
+    mark_trainable,
+    merge,
+    select_adapter,
+    split,
+    summary,
+    trainable_mask,
+    unmerge,
+    wrap,
+)
 
 __version__ = "0.1.0"
 
@@ -69,11 +83,14 @@ __all__ = [
     "add_prefix",
     "add_prompt",
     "adapter_leaves",
+    "adapter_names",
     "adapters",
+    "add_adapter",
     "apply",
     "combine",
     "cosine_schedule",
     "default_torch_name",
+    "delete_adapter",
     "dequantize",
     "dequantize_tree",
     "export_goat",
@@ -99,6 +116,7 @@ __all__ = [
     "regularizer",
     "restore",
     "save",
+    "select_adapter",
     "split",
     "summary",
     "train_step",

@@ -1,4 +1,8 @@
-"""Walking Flax parameter trees: modules are dicts, a linear module is one holding a `kernel` array."""
+"""Walking Flax parameter trees: modules are dicts, a linear module is one holding a `kernel` array.
+
+An adapted module holds its adapter in a slot: ``module["jgoat"]``. The slot holds one adapter node (a tree wrapped
+without a name), a `TrainModule` marker (modules_to_save), or a dict {name: adapter node} of named adapters.
+"""
 
 from __future__ import annotations
 
@@ -43,12 +47,39 @@ def is_module(node: Any) -> bool:
 
 
 def iter_modules(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Mapping]]:
-    """Every dict in the tree (depth first, sorted keys) with its path of keys."""
+    """Every dict in the tree (depth first, sorted keys) with its path; a slot of named adapters is not a module."""
     yield prefix, tree
     for name in sorted(tree):
         child = tree[name]
-        if is_module(child):
+        if is_module(child) and name != ADAPTER_KEY:
             yield from iter_modules(child, (*prefix, str(name)))
+
+
+def slot_names(tree: Mapping) -> tuple[str, ...]:
+    """The names of the named adapters anywhere in `tree`, sorted (empty for unnamed or no adapters)."""
+    found = {name for _, m in iter_modules(tree) if is_module(m.get(ADAPTER_KEY)) for name in m[ADAPTER_KEY]}
+    return tuple(sorted(found))
+
+
+def check_name(name: str, known: Sequence[str]) -> None:
+    """Raise a ValueError naming the known adapters unless `name` is one of them."""
+    if name not in known:
+        shown = ", ".join(repr(n) for n in known) if known else "none (the tree holds no named adapters)"
+        raise ValueError(f"unknown adapter {name!r}; named adapters in this tree: {shown}")
+
+
+def map_slots(tree: Mapping, fn: Callable[[Any], Any]) -> dict:
+    """A copy of `tree` (dicts only) with every adapter slot replaced by fn(slot); a slot mapped to None is removed."""
+    out = {}
+    for name, child in tree.items():
+        if name == ADAPTER_KEY:
+            child = fn(child)
+            if child is None:
+                continue
+        elif is_module(child):
+            child = map_slots(child, fn)
+        out[name] = child
+    return out
 
 
 def linear_modules(tree: Mapping) -> list[tuple[tuple[str, ...], Mapping]]:

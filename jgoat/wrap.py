@@ -1,4 +1,9 @@
-"""`wrap` a Flax params tree with adapters; `split` / `combine` / `trainable_mask` / `summary` / `merge`."""
+"""`wrap` a Flax params tree with adapters; `split` / `combine` / `trainable_mask` / `summary` / `merge`.
+
+Named adapters: ``wrap(..., name="task_a")`` stores the adapter as ``module["jgoat"]["task_a"]``; several names share
+one base. Every function here that acts on one adapter takes ``adapter=name`` and requires it for such a tree (a
+clear error, never a silent sum); a tree wrapped without a name keeps the single-adapter layout ``module["jgoat"]``.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,17 @@ import numpy as np
 from jgoat._tree import (
     ADAPTER_KEY,
     Layout,
+    check_name,
     get_at,
+    is_module,
     iter_modules,
     linear_modules,
+    map_slots,
     path_str,
     replace_at,
     rule_matches,
     rule_parts,
+    slot_names,
 )
 from jgoat.adapters import (
     ADAPTER_TYPES,
@@ -33,6 +42,7 @@ from jgoat.adapters import (
     method_name,
 )
 from jgoat.adapters.base import HEAD_NAMES
+from jgoat.checkpoint import adapter_leaves, fingerprint
 from jgoat.quant import NF4Kernel, dequantize
 
 PyTree = Any
@@ -117,7 +127,7 @@ def init_layer(cfg: AdapterConfig, kernel, layout: Layout, key: jax.Array, path:
 
 
 def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
-         layouts: Mapping[str, Layout] | None = None) -> dict:
+         layouts: Mapping[str, Layout] | None = None, name: str | None = None) -> dict:
     """Add an adapter beside the kernel of every module `cfg` targets.
 
     Pure and deterministic given (params, cfg, key): the returned tree shares every base array with `params` (the
@@ -131,14 +141,33 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
       key: PRNG key for random parts of the init (router, kaiming A).
       layouts: optional per-module `Layout` from ``jgoat.probe`` for kernels that are not
         [*layers, in, out] (DenseGeneral, Einsum).
+      name: add a named adapter (``.../jgoat/{name}: adapter``) beside those `params` already holds; call again with
+        another name (any method and targets) to add more. The arrays equal an unnamed wrap's with the same key.
+        Select one with ``adapter=name`` in ``jgoat.apply`` / ``split`` / ``merge``, or per example with
+        ``jgoat.apply(fn, adapter=(names...))(..., adapter_ids=ids)``. A named adapter has no modules_to_save of
+        its own (all names run the same modules): mark shared ones with ``jgoat.mark_trainable``.
 
     Returns:
       The wrapped params tree (plain dicts).
 
     Example:
       >>> wrapped = jgoat.wrap(params, jgoat.LoraConfig(rank=8, targets=["query", "value"]), key=key)
+      >>> multi = jgoat.wrap(jgoat.wrap(params, cfg_a, key=k1, name="a"), cfg_b, key=k2, name="b")
     """
+    if not isinstance(cfg, AdapterConfig):
+        raise TypeError(f"jgoat.wrap adds linear adapters (LoraConfig, GoatConfig, ...), got {type(cfg).__name__}: "
+                        "prompt/prefix tuning and bottleneck adapters change the model graph, add them with "
+                        "jgoat.add_prompt / add_prefix / add_bottleneck (they are shared, never named)")
     params = _to_dict(params)
+    if name is not None:
+        _check_new_name(params, name)
+        if cfg.modules_to_save:
+            raise ValueError(f"modules_to_save={cfg.modules_to_save!r} cannot belong to the named adapter {name!r}: "
+                             "every named adapter runs the same modules; mark shared ones with jgoat.mark_trainable")
+        base = map_slots(params, lambda slot: None if is_module(slot) else slot)
+        return add_adapter(params, wrap(base, cfg, key=key, layouts=layouts), name=name)
+    if slot_names(params):
+        raise ValueError(f"params hold named adapters {slot_names(params)}: add another with name=...")
     for path in select_targets(params, cfg, layouts):
         module = get_at(params, path)
         layout = _layout_for(path, module["kernel"], layouts)
@@ -157,6 +186,9 @@ def mark_trainable(params: PyTree, modules: str | Sequence[str]) -> dict:
     _check_rule(modules, paths, "modules_to_save")
     for path in paths:
         if rule_matches(modules, path):
+            if is_module(get_at(params, path).get(ADAPTER_KEY)):
+                raise ValueError(f"module '{path_str(path)}' holds named adapters; a module cannot be both adapted "
+                                 "and trained in full")
             if any(isinstance(v, NF4Kernel) for v in jax.tree.leaves(get_at(params, path),
                                                                       is_leaf=lambda v: isinstance(v, NF4Kernel))):
                 raise ValueError(f"module '{path_str(path)}' holds an NF4-quantised kernel, which cannot be trained; "
@@ -171,17 +203,126 @@ def _to_dict(tree: PyTree) -> PyTree:
     return tree
 
 
-def _mask_module(module: Mapping, train_all: bool) -> dict:
+def adapter_names(tree: PyTree) -> tuple[str, ...]:
+    """The names of the named adapters in `tree`, sorted; () for a tree wrapped without a name."""
+    return slot_names(tree)
+
+
+def _unnamed_paths(tree: PyTree) -> list[str]:
+    return [path_str(p) for p, m in iter_modules(tree) if isinstance(m.get(ADAPTER_KEY), ADAPTER_TYPES)]
+
+
+def _check_new_name(tree: PyTree, name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"an adapter name must be a non-empty string without '/', got {name!r}")
+    unnamed = _unnamed_paths(tree)
+    if unnamed:
+        raise ValueError(f"params hold an unnamed adapter (e.g. at '{unnamed[0]}'); named and unnamed adapters do "
+                         "not mix: name it with jgoat.add_adapter(base_params, wrapped, name=...)")
+    if name in slot_names(tree):
+        raise ValueError(f"an adapter named {name!r} already exists (names: {slot_names(tree)}); remove it first "
+                         "with jgoat.delete_adapter")
+
+
+def _check_same_base(tree: PyTree, source: PyTree) -> None:
+    """`source` must be the base of `tree`: same modules, same base weights, same modules_to_save (shared)."""
+    base_t, base_s = (map_slots(t, lambda slot: slot if isinstance(slot, TrainModule) else None)
+                      for t in (tree, source))
+    (leaves_t, def_t), (leaves_s, def_s) = jax.tree.flatten(base_t), jax.tree.flatten(base_s)
+    if def_t != def_s:
+        raise ValueError("the adapters' source tree has other modules or modules_to_save than the tree they are "
+                         "added to: wrap the same base (a named adapter cannot bring its own modules_to_save)")
+    if all(u is v for u, v in zip(leaves_t, leaves_s, strict=True)):  # the common case: wrap shares base arrays
+        return
+    if fingerprint(base_t) != fingerprint(base_s):
+        raise ValueError("the adapters' source tree was wrapped on a different base model (fingerprints differ)")
+    saved_t, saved_s = adapter_leaves(base_t), adapter_leaves(base_s)
+    differ = [p for p in saved_t if not np.array_equal(saved_t[p], saved_s[p])]
+    if differ:
+        raise ValueError(f"modules_to_save param '{differ[0]}' differs between the source and the tree: named "
+                         "adapters share modules_to_save, a named adapter cannot bring its own")
+
+
+def add_adapter(tree: PyTree, source: PyTree, *, name: str) -> dict:
+    """Add the (unnamed) adapters of `source` to `tree` as the named adapter `name`.
+
+    Args:
+      tree: the base params, or a tree of named adapters on that base.
+      source: a tree with unnamed adapters on the same base (``jgoat.wrap`` without a name, ``import_peft``,
+        ``gora_wrap``, a restored checkpoint); checked by identity of the base arrays, else by the base fingerprint.
+      name: the new adapter's name (not yet in `tree`).
+
+    Returns:
+      `tree` with ``module["jgoat"][name]`` set for every module `source` adapts.
+
+    Example:
+      >>> multi = jgoat.add_adapter(multi, jgoat.import_peft(params, "peft_dir"), name="from_peft")
+    """
+    tree, source = _to_dict(tree), _to_dict(source)
+    _check_new_name(tree, name)
+    if slot_names(source):
+        raise ValueError(f"source holds named adapters {slot_names(source)}: pass jgoat.select_adapter(source, n)")
+    found = [(p, m[ADAPTER_KEY]) for p, m in iter_modules(source) if isinstance(m.get(ADAPTER_KEY), ADAPTER_TYPES)]
+    if not found:
+        raise ValueError("source holds no adapter: wrap it with jgoat.wrap first")
+    _check_same_base(tree, source)
+    for path, adapter in found:
+        tree = replace_at(tree, path, lambda m, a=adapter: {**m, ADAPTER_KEY: {**m.get(ADAPTER_KEY, {}), name: a}})
+    return tree
+
+
+def select_adapter(tree: PyTree, name: str) -> dict:
+    """`tree` with only the named adapter `name`, stored unnamed: what ``jgoat.wrap`` without a name would give.
+
+    Everything written for single-adapter trees (export_peft, export_goat, lori/gora helpers, save) takes it.
+    """
+    check_name(name, slot_names(tree))
+    return map_slots(tree, lambda slot: slot.get(name) if is_module(slot) else slot)
+
+
+def delete_adapter(tree: PyTree, name: str) -> dict:
+    """`tree` without the named adapter `name` (the others and the base untouched)."""
+    check_name(name, slot_names(tree))
+
+    def drop(slot):
+        if not is_module(slot):
+            return slot
+        return {n: a for n, a in slot.items() if n != name} or None
+
+    return map_slots(tree, drop)
+
+
+def _resolve(tree: PyTree, adapter: str | None) -> PyTree:
+    """The single-adapter view of `tree`: itself when it holds no named adapter, else ``select_adapter(tree,
+    adapter)``; a named tree without a choice (or an unknown name) is a ValueError listing the names."""
+    names = slot_names(tree)
+    if adapter is None:
+        if names:
+            raise ValueError(f"the tree holds named adapters {names}: choose one with adapter=...")
+        return tree
+    check_name(adapter, names)
+    return select_adapter(tree, adapter)
+
+
+def _adapter_mask(adapter, train: bool):
+    """The adapter node with a bool (None for absent optional arrays) per array field: trainable fields if train."""
+    return adapter.replace(**{
+        f.name: (None if getattr(adapter, f.name) is None else train and f.name in adapter.trainable)
+        for f in dataclasses.fields(adapter) if f.metadata.get("pytree_node", True)
+    })
+
+
+def _mask_module(module: Mapping, train_all: bool, chosen, shared: bool) -> dict:
+    """chosen(name): whether a named adapter trains; shared: whether unnamed adapters and modules_to_save train."""
     out = {}
-    marker = isinstance(module.get(ADAPTER_KEY), TrainModule)
+    marker = shared and isinstance(module.get(ADAPTER_KEY), TrainModule)
     for name, value in module.items():
-        if isinstance(value, Mapping):
-            out[name] = _mask_module(value, train_all or marker)
+        if name == ADAPTER_KEY and isinstance(value, Mapping):
+            out[name] = {n: _adapter_mask(a, chosen(n)) for n, a in value.items()}
+        elif isinstance(value, Mapping):
+            out[name] = _mask_module(value, train_all or marker, chosen, shared)
         elif isinstance(value, ADAPTER_TYPES):
-            out[name] = value.replace(**{
-                f.name: (None if getattr(value, f.name) is None else f.name in value.trainable)
-                for f in dataclasses.fields(value) if f.metadata.get("pytree_node", True)
-            })
+            out[name] = _adapter_mask(value, True)
         elif isinstance(value, TrainModule):
             out[name] = value
         else:
@@ -189,17 +330,28 @@ def _mask_module(module: Mapping, train_all: bool) -> dict:
     return out
 
 
-def trainable_mask(tree: PyTree) -> PyTree:
-    """A tree of bools with `tree`'s structure: True for adapter parameters and `modules_to_save` params."""
-    return _mask_module(tree, False)
+def trainable_mask(tree: PyTree, *, adapter: str | None = None) -> PyTree:
+    """A tree of bools with `tree`'s structure: True for adapter parameters and `modules_to_save` params.
+
+    For a tree of named adapters, `adapter` (required) names the one that trains; the other named adapters, the
+    base and the shared modules_to_save stay frozen.
+    """
+    names = slot_names(tree)
+    if adapter is None:
+        if names:
+            raise ValueError(f"the tree holds named adapters {names}: choose the one to train with adapter=...")
+        return _mask_module(tree, False, None, True)
+    check_name(adapter, names)
+    return _mask_module(tree, False, lambda n: n == adapter, False)
 
 
-def split(tree: PyTree) -> tuple[PyTree, PyTree]:
+def split(tree: PyTree, *, adapter: str | None = None) -> tuple[PyTree, PyTree]:
     """(trainable, frozen): two trees of `tree`'s shape with None where the other holds the leaf.
 
-    Differentiate and optimise only `trainable`; `combine(trainable, frozen)` restores the full tree.
+    Differentiate and optimise only `trainable`; `combine(trainable, frozen)` restores the full tree. For a tree of
+    named adapters, ``adapter=name`` (required) picks the one to train (see `trainable_mask`).
     """
-    mask = trainable_mask(tree)
+    mask = trainable_mask(tree, adapter=adapter)
     trainable = jax.tree.map(lambda m, x: x if m else None, mask, tree)
     frozen = jax.tree.map(lambda m, x: None if m else x, mask, tree)
     return trainable, frozen
@@ -210,8 +362,9 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def adapters(tree: PyTree) -> list[tuple[str, Any]]:
-    """(module path, adapter node) for every adapted module, in tree order."""
+def adapters(tree: PyTree, *, adapter: str | None = None) -> list[tuple[str, Any]]:
+    """(module path, adapter node) for every adapted module, in tree order (of the named `adapter` if named)."""
+    tree = _resolve(tree, adapter)
     return [(path_str(p), m[ADAPTER_KEY]) for p, m in iter_modules(tree)
             if isinstance(m.get(ADAPTER_KEY), ADAPTER_TYPES)]
 
@@ -220,13 +373,18 @@ def _size(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+def _trainable_size(mask, tree) -> int:
+    return sum(int(np.prod(x.shape)) for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(tree), strict=True) if m)
+
+
 def summary(tree: PyTree) -> str:
     """A table of trainable vs total parameters per family (base, each adapter method, modules_to_save).
 
     Like peft's ``print_trainable_parameters`` with a row per module family. Frozen adapter state (e.g. GOAT's
-    residual offset) is counted as frozen.
+    residual offset) is counted as frozen. Named adapters get a row each, ``name (method)``, counting what
+    ``split(tree, adapter=name)`` trains; the totals then add up every named adapter.
     """
-    mask = trainable_mask(tree)
+    mask = _mask_module(tree, False, lambda n: True, True)
     rows: dict[str, list[int]] = {}  # family -> [layers, trainable, total]
 
     def add(family, layers, trainable, total):
@@ -239,18 +397,20 @@ def summary(tree: PyTree) -> str:
         sub = get_at(mask, path)
         saved = isinstance(module.get(ADAPTER_KEY), TrainModule)
         for name, value in module.items():
-            if isinstance(value, ADAPTER_TYPES):
-                trainable = sum(int(np.prod(x.shape)) for m, x in zip(jax.tree.leaves(sub[name]),
-                                                                      jax.tree.leaves(value), strict=True) if m)
-                add(method_name(value), 1, trainable, _size(value))
+            if name == ADAPTER_KEY and isinstance(value, Mapping):
+                for n, a in value.items():
+                    add(f"{n} ({method_name(a)})", 1, _trainable_size(sub[name][n], a), _size(a))
+            elif isinstance(value, ADAPTER_TYPES):
+                add(method_name(value), 1, _trainable_size(sub[name], value), _size(value))
             elif not isinstance(value, Mapping | TrainModule):
                 n = int(np.prod(value.shape))
                 add("modules_to_save" if saved else "base", 0, n if saved else 0, n)
     total = sum(r[2] for r in rows.values())
     trainable = sum(r[1] for r in rows.values())
-    lines = [f"{'family':<16}{'modules':>8}{'trainable':>14}{'total':>16}"]
+    width = max(16, *(len(f) + 2 for f in rows))
+    lines = [f"{'family':<{width}}{'modules':>8}{'trainable':>14}{'total':>16}"]
     for family, (layers, t, n) in rows.items():
-        lines.append(f"{family:<16}{layers or '':>8}{t:>14,}{n:>16,}")
+        lines.append(f"{family:<{width}}{layers or '':>8}{t:>14,}{n:>16,}")
     lines.append(f"trainable params: {trainable:,} || all params: {total:,} || "
                  f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
     return "\n".join(lines)
@@ -287,16 +447,20 @@ def _map_kernels(tree: PyTree, fn_name: str, layouts) -> PyTree:
     return out
 
 
-def merge(tree: PyTree, *, layouts: Mapping[str, Layout] | None = None) -> PyTree:
+def merge(tree: PyTree, *, layouts: Mapping[str, Layout] | None = None, adapter: str | None = None) -> PyTree:
     """Fold every mergeable adapter into its kernel (fp32 math, cast once) and drop the adapters.
 
-    Returns plain params for the unmodified model. GOAT raises (routing is input-dependent).
+    Returns plain params for the unmodified model. GOAT raises (routing is input-dependent). For a tree of named
+    adapters, ``adapter=name`` (required) is the one folded in; the others are dropped.
     """
-    return _strip_markers(_map_kernels(tree, "merge", layouts))
+    return _strip_markers(_map_kernels(_resolve(tree, adapter), "merge", layouts))
 
 
-def unmerge(merged: PyTree, wrapped: PyTree, *, layouts: Mapping[str, Layout] | None = None) -> PyTree:
-    """Subtract the adapters of `wrapped` from the kernels of `merged` (exact up to fp rounding; LoRA family)."""
+def unmerge(merged: PyTree, wrapped: PyTree, *, layouts: Mapping[str, Layout] | None = None,
+            adapter: str | None = None) -> PyTree:
+    """Subtract the adapters of `wrapped` (its named `adapter`, if named) from the kernels of `merged` (exact up to
+    fp rounding; LoRA family)."""
+    wrapped = _resolve(wrapped, adapter)
     def graft(path_module):
         path, module = path_module
         return path, module.get(ADAPTER_KEY)
