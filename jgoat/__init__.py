@@ -38,7 +38,7 @@ from jgoat.apply import apply, probe, register_linear
 from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
 from jgoat.quant import NF4Kernel, dequantize, dequantize_tree, quantize_nf4
-from jgoat.train import TrainState, adamw_cosine, cosine_schedule, freeze_base, train_step
+from jgoat.train import TrainState, accumulate_step, adamw_cosine, cosine_schedule, freeze_base, train_step
 from jgoat.wrap import (
     adapter_names,
     adapters,
@@ -84,6 +84,7 @@ __all__ = [
     "add_prompt",
     "adapter_leaves",
     "adapter_names",
+    "accumulate_step",
     "adapters",
     "add_adapter",
     "apply",

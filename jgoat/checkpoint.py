@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -174,7 +175,8 @@ def restore(
                 {f"o{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                  for i, x in enumerate(opt_template)})
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
-    values = iter(restored["adapter"][f"a{i:05d}"] for i in range(len(leaves)))
+    # orbax hands back host numpy arrays for unsharded targets: make them jax arrays like the tree they came from
+    values = iter(jnp.asarray(restored["adapter"][f"a{i:05d}"]) for i in range(len(leaves)))
     saved = _saved_prefixes(tree)
     paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     new_leaves = [next(values) if _is_adapter_path(jax.tree_util.keystr(p, simple=True, separator="/"), saved)
@@ -182,6 +184,6 @@ def restore(
     new_tree = jax.tree_util.tree_unflatten(treedef, new_leaves)
     new_opt = opt_state
     if opt_template:
-        opt_values = [restored["opt"][f"o{i:05d}"] for i in range(len(opt_template))]
+        opt_values = [jnp.asarray(restored["opt"][f"o{i:05d}"]) for i in range(len(opt_template))]
         new_opt = jax.tree_util.tree_unflatten(jax.tree.structure(opt_state), opt_values)
     return new_tree, new_opt, record

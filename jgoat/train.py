@@ -151,11 +151,13 @@ def cosine_schedule(learning_rate: float, total_steps: int, *, warmup_ratio: flo
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(total_steps, warmup + 1))
 
 
-def freeze_base(tx: optax.GradientTransformation, tree: PyTree) -> optax.GradientTransformation:
+def freeze_base(tx: optax.GradientTransformation, tree: PyTree, *,
+                adapter: str | None = None) -> optax.GradientTransformation:
     """For users who keep ONE tree: `tx` on adapter leaves, exact zero updates (and no state) for the base.
 
     Uses ``optax.multi_transform`` with ``set_to_zero`` for frozen leaves — never bare ``optax.masked``, which
-    passes raw gradients through to the frozen leaves.
+    passes raw gradients through to the frozen leaves. ``adapter``: on a tree with named adapters, the one to train
+    (the others are frozen like the base).
     """
-    labels = jax.tree.map(lambda trainable: "train" if trainable else "frozen", trainable_mask(tree))
+    labels = jax.tree.map(lambda trainable: "train" if trainable else "frozen", trainable_mask(tree, adapter=adapter))
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -40,11 +40,11 @@ def batches(model, teacher, key, steps, batch=32):
     return xs, ys
 
 
-def make_loss(model):
+def make_loss(model, adapter=None):
     def loss_fn(params, batch, rng):
         x, y = batch
         rngs = {} if rng is None else {"dropout": rng}
-        out, aux = jgoat.apply(model.apply)({"params": params}, x, rngs=rngs)
+        out, aux = jgoat.apply(model.apply, adapter=adapter)({"params": params}, x, rngs=rngs)
         return jnp.mean((out - y) ** 2), aux
 
     return loss_fn
@@ -132,6 +132,26 @@ def test_freeze_base_single_tree_keeps_base_bit_identical():
     assert not np.array_equal(params["layers"]["up"]["jgoat"].B, wrapped["layers"]["up"]["jgoat"].B)
 
 
+def test_freeze_base_trains_only_the_named_adapter():
+    model, base, teacher, key = toy_problem()
+    tree = jgoat.wrap(base, jgoat.LoraConfig(rank=4, targets=["up"]), key=jax.random.key(1), name="a")
+    tree = jgoat.wrap(tree, jgoat.LoraConfig(rank=4, targets=["up"]), key=jax.random.key(2), name="b")
+    with pytest.raises(ValueError, match="'a', 'b'|a, b"):
+        jgoat.freeze_base(optax.adam(1e-2), tree)  # ambiguous: which adapter trains?
+    tx = jgoat.freeze_base(optax.adam(1e-2), tree, adapter="a")
+    opt_state, params = tx.init(tree), tree
+    xs, ys = batches(model, teacher, key, 2)
+    loss_fn = make_loss(model, adapter="a")
+    for i in range(2):
+        grads = jax.grad(lambda p, i=i: loss_fn(p, (xs[i], ys[i]), None)[0])(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    up, up0 = params["layers"]["up"], tree["layers"]["up"]
+    np.testing.assert_array_equal(up["kernel"], up0["kernel"])
+    np.testing.assert_array_equal(up["jgoat"]["b"].A, up0["jgoat"]["b"].A)
+    assert not np.array_equal(up["jgoat"]["a"].A, up0["jgoat"]["a"].A)
+
+
 def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     model, base, teacher, key = toy_problem()
     cfg = jgoat.GoatConfig(rank=16, experts=4, top_k=2, targets=["up", "down"], modules_to_save=["head"])
@@ -155,6 +175,8 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     template = jgoat.TrainState.create(jgoat.split(fresh)[0], tx)
     tree, opt_state, record = jgoat.restore(tmp_path, fresh, opt_state=template.opt_state)
     assert record["metadata"] == {"data_position": 3} and record["step"] == 3
+    # restored leaves are jax arrays (orbax gives numpy): eager math on them must match jitted math on the original
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((tree, opt_state)))
     resumed = go(jgoat.TrainState(step=jnp.asarray(3, jnp.int32), trainable=jgoat.split(tree)[0],
                                   opt_state=opt_state), 3, 6)
     for a, b in zip(jax.tree.leaves(straight.trainable), jax.tree.leaves(resumed.trainable), strict=True):
