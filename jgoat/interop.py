@@ -96,7 +96,7 @@ from jgoat.adapters import (
     MoLoraConfig,
     TrainModule,
 )
-from jgoat.wrap import init_layer
+from jgoat.wrap import adapter_names, init_layer, select_adapter
 
 PyTree = Any
 TorchName = Callable[[str, tuple[int, ...]], str]
@@ -176,6 +176,14 @@ def _module_params(module: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[
 
 def _saved_modules(tree: Mapping) -> list[tuple[tuple[str, ...], Mapping]]:
     return [(p, m) for p, m in iter_modules(tree) if isinstance(m.get(ADAPTER_KEY), TrainModule)]
+
+
+def _one_adapter(tree: PyTree, adapter: str | None) -> PyTree:
+    """The tree with only adapter `adapter` (for a tree of named adapters, where the name is required)."""
+    if adapter is None and adapter_names(tree):
+        raise ValueError(f"the tree holds named adapters {', '.join(adapter_names(tree))}: pass adapter=<name> to "
+                         "export one")
+    return tree if adapter is None else select_adapter(tree, adapter)
 
 
 def _all_adapters(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
@@ -316,6 +324,7 @@ def export_peft(
     torch_name: TorchName | None = None,
     base_model_name_or_path: str | None = None,
     layouts: Mapping[str, Layout] | None = None,
+    adapter: str | None = None,
 ) -> None:
     """Write the adapters of a wrapped tree as an HF PEFT adapter folder (``PeftModel.from_pretrained`` reads it).
 
@@ -329,6 +338,7 @@ def export_peft(
       base_model_name_or_path: recorded in the config (peft uses it to find the base model).
       layouts: optional `Layout` per module path, only needed for ``modules_to_save`` kernels that are not
         [*layers, in, out] (adapters carry their own shapes).
+      adapter: for a tree of named adapters, the one to export (required there).
 
     Raises:
       ValueError: GOAT adapters, no adapter, adapters of another method than ``cfg``, DoRA mixed with LoRA, two
@@ -343,7 +353,7 @@ def export_peft(
         raise ValueError("export_peft needs the jgoat.LoraConfig / KasaConfig / GoraConfig / IA3Config the tree was "
                          f"wrapped with, got {type(cfg).__name__}")
     torch_name = torch_name or default_torch_name
-    tree = _to_dict(tree)
+    tree = _to_dict(_one_adapter(tree, adapter))
     found = _all_adapters(tree)
     goat = [path_str(p) for p, a in found if isinstance(a, GoatAdapter)]
     if goat:
@@ -689,7 +699,8 @@ def _jgoat_version() -> str:
         return "unknown"
 
 
-def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fingerprint: str) -> None:
+def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fingerprint: str,
+                adapter: str | None = None) -> None:
     """Write the GOAT adapters (and modules_to_save) of a wrapped tree in jgoat's GOAT format (module docstring).
 
     Args:
@@ -697,6 +708,7 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
       cfg: the ``jgoat.GoatConfig`` (or ``MoLoraConfig``) it was wrapped with; every knob is recorded.
       out_dir: folder to create / overwrite ``goat_config.json`` and ``goat_adapter.safetensors`` in.
       fingerprint: the base model's fingerprint; `import_goat` refuses any other base.
+      adapter: for a tree of named adapters, the one to export (required there).
 
     Raises:
       ValueError: no GOAT adapter, non-GOAT adapters in the tree, or adapters whose knobs contradict ``cfg``.
@@ -708,7 +720,7 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
         raise ValueError(f"export_goat needs the jgoat.GoatConfig the tree was wrapped with, got {type(cfg).__name__}")
     if not isinstance(fingerprint, str) or not fingerprint:
         raise ValueError("fingerprint must be a non-empty string identifying the base weights")
-    tree = _to_dict(tree)
+    tree = _to_dict(_one_adapter(tree, adapter))
     found = _all_adapters(tree)
     other = [path_str(p) for p, a in found if not isinstance(a, GoatAdapter)]
     if other:

@@ -221,6 +221,27 @@ def test_checkpoint_round_trip(tmp_path):
         jgoat.restore(tmp_path, jgoat.delete_adapter(tree, "b"))
 
 
+def test_export_named_adapter_equals_single_export(tmp_path):
+    import safetensors.numpy
+
+    def same_folders(a, b):
+        for f in a.iterdir():
+            if f.suffix == ".safetensors":
+                chex.assert_trees_all_equal(safetensors.numpy.load_file(f), safetensors.numpy.load_file(b / f.name))
+            else:
+                assert f.read_text() == (b / f.name).read_text(), f.name
+
+    tree = multi()
+    jgoat.export_peft(tree, CONFIGS["a"], tmp_path / "named", adapter="a")
+    jgoat.export_peft(single("a"), CONFIGS["a"], tmp_path / "single")
+    same_folders(tmp_path / "named", tmp_path / "single")
+    jgoat.export_goat(tree, CONFIGS["g"], tmp_path / "goat", fingerprint="fp", adapter="g")
+    jgoat.export_goat(single("g"), CONFIGS["g"], tmp_path / "goat1", fingerprint="fp")
+    same_folders(tmp_path / "goat", tmp_path / "goat1")
+    with pytest.raises(ValueError, match="pass adapter=<name>"):
+        jgoat.export_peft(tree, CONFIGS["a"], tmp_path / "x")
+
+
 def test_summary_lists_adapters_by_name():
     text = jgoat.summary(multi())
     rows = {line.split(")")[0] + ")": line for line in text.splitlines() if "(" in line}
