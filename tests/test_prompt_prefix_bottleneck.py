@@ -206,8 +206,10 @@ def test_foreign_models_are_rejected(llama):
         jgoat.add_bottleneck(foreign, BERT, jgoat.BottleneckConfig(), key=jax.random.key(0), model=dense)
     with pytest.raises(ValueError, match="hook points"):
         jgoat.add_bottleneck(foreign, BERT, jgoat.BottleneckConfig(), key=jax.random.key(0))
-    with pytest.raises(ValueError, match="BertConfig"):
-        jgoat.add_bottleneck(params, cfg, jgoat.BottleneckConfig(), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="jgoat BERT / RoBERTa"):  # decoder params with the encoder's config
+        jgoat.add_bottleneck(params, BERT, jgoat.BottleneckConfig(), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="BertConfig or LlamaConfig"):
+        jgoat.add_bottleneck(params, dataclasses.asdict(cfg), jgoat.BottleneckConfig(), key=jax.random.key(0))
 
 
 def _train_only_new_leaves(model_apply, params, loss_of_out, batch, steps=3):

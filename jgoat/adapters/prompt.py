@@ -98,15 +98,15 @@ def _train_marker():
 def require_hooks(params: Any, hook: str, model: Any = None) -> None:
     """Raise a ValueError unless ``params`` (and ``model``, if given) belong to a jgoat model with ``hook``.
 
-    Hook-bearing jgoat models declare ``jgoat_hooks`` (a class attribute): Llama / Mistral / Qwen2 have "prompt"
-    and "prefix", BERT / RoBERTa have "bottleneck". Foreign linen models have none: these methods change the model
-    graph, so there is nothing an interceptor could do for them.
+    Hook-bearing jgoat models declare ``jgoat_hooks`` (a class attribute): Llama / Mistral / Qwen2 have "prompt",
+    "prefix" and "bottleneck", BERT / RoBERTa have "bottleneck". Foreign linen models have none: these methods
+    change the model graph, so there is nothing an interceptor could do for them.
     """
     if model is not None and hook not in getattr(type(model), "jgoat_hooks", ()):
         raise ValueError(
             f"{type(model).__name__} has no '{hook}' hook point: {hook} tuning changes the model graph and works only "
             "with jgoat's own models that declare it (jgoat.models.LlamaForCausalLM / LlamaModel for prompt and "
-            "prefix, BertModel / BertForSequenceClassification for bottleneck adapters)"
+            "prefix; those and BertModel / BertForSequenceClassification for bottleneck adapters)"
         )
     if hook in ("prompt", "prefix"):
         model_dict = params.get("model") if isinstance(params, Mapping) else None

@@ -324,6 +324,14 @@ def _rms_norm(cfg: LlamaConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
+def _bottleneck_hook(module: nn.Module, h_BxTxD: jax.Array) -> jax.Array:
+    """Hook point of a sub-layer's output (before the residual add): ``h + a(h)`` when ``module``'s params hold a
+    bottleneck adapter (``jgoat.add_bottleneck``), else h unchanged."""
+    from jgoat.adapters.bottleneck import apply_hook  # lazy: jgoat.adapters does not depend on the models
+
+    return apply_hook(module, h_BxTxD)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with RoPE (HF ``self_attn``) and an optional KV cache.
 
@@ -373,7 +381,8 @@ class LlamaAttention(nn.Module):
         if cfg.attention_dropout > 0:
             probs_BxKxGxTxS = nn.Dropout(cfg.attention_dropout)(probs_BxKxGxTxS, deterministic=self.deterministic)
         out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH.astype(cfg.dtype))
-        return _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out_BxTxKxGxH.reshape(B, T, N * H))
+        o_BxTxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out_BxTxKxGxH.reshape(B, T, N * H))
+        return _bottleneck_hook(self, o_BxTxD)
 
 
 class LlamaMLP(nn.Module):
@@ -387,7 +396,7 @@ class LlamaMLP(nn.Module):
         gate_BxTxF = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x_BxTxD)
         up_BxTxF = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x_BxTxD)
         h_BxTxF = _ACTIVATIONS[cfg.hidden_act](gate_BxTxF) * up_BxTxF
-        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(h_BxTxF)
+        return _bottleneck_hook(self, _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(h_BxTxF))
 
 
 class LlamaMoeMLP(nn.Module):
@@ -418,7 +427,7 @@ class LlamaMoeMLP(nn.Module):
         gate_BxTxExF = jnp.einsum("btd,edf->btef", x_BxTxD, gate_ExDxF)
         h_BxTxExF = _ACTIVATIONS[cfg.hidden_act](gate_BxTxExF) * jnp.einsum("btd,edf->btef", x_BxTxD, up_ExDxF)
         y_BxTxExD = jnp.einsum("btef,efd->bted", h_BxTxExF, down_ExFxD)
-        return jnp.einsum("bted,bte->btd", y_BxTxExD, g_BxTxE.astype(cfg.dtype))
+        return _bottleneck_hook(self, jnp.einsum("bted,bte->btd", y_BxTxExD, g_BxTxE.astype(cfg.dtype)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -470,11 +479,13 @@ class LlamaModel(nn.Module):
 
     Hook points (``jgoat_hooks``): params ``model/jgoat_prompt`` (prompt tuning) and ``model/jgoat_prefix`` (prefix
     tuning), added by ``jgoat.add_prompt`` / ``jgoat.add_prefix`` and read here when present (see
-    :mod:`jgoat.adapters.prompt`).
+    :mod:`jgoat.adapters.prompt`); bottleneck adapters ``.../self_attn/jgoat_bottleneck`` and
+    ``.../mlp/jgoat_bottleneck`` of every layer (``jgoat.add_bottleneck``), read by those sub-layers on their output
+    (see :mod:`jgoat.adapters.bottleneck`).
     """
 
     config: LlamaConfig
-    jgoat_hooks = ("prompt", "prefix")  # not a field: the graph-changing methods this model implements
+    jgoat_hooks = ("prompt", "prefix", "bottleneck")  # not a field: the graph-changing methods this model implements
 
     @nn.compact
     def __call__(
@@ -600,7 +611,7 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config: LlamaConfig
-    jgoat_hooks = ("prompt", "prefix")  # not a field: see LlamaModel
+    jgoat_hooks = ("prompt", "prefix", "bottleneck")  # not a field: see LlamaModel
 
     @nn.compact
     def __call__(
