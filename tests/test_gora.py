@@ -210,15 +210,19 @@ def test_init_is_a_descent_step_merges_exactly_and_padding_stays_zero(toy):
     np.testing.assert_allclose(toy["model"].apply({"params": merged}, x), out_adapter, rtol=1e-5, atol=1e-5)
     assert "gora" in jgoat.summary(wrapped)
 
-    # Train a few AdamW steps (weight decay on): padded columns/rows get zero gradients and stay exactly 0.
+    # Train 100 AdamW steps (weight decay on): padded columns/rows get zero gradients and stay exactly 0, and the
+    # held-out loss ends well below the frozen base's.
     trainable, frozen = jgoat.split(wrapped)
     assert jax.tree.leaves(trainable) and all(n.rank is None for _, n in jgoat.adapters(trainable))
     tx = optax.adamw(1e-2, weight_decay=0.1)
     step = jax.jit(functools.partial(jgoat.train_step, loss_fn=lambda p, b, r: (loss_fn(p, b), 0.0), tx=tx))
     state = jgoat.TrainState.create(trainable, tx)
-    for i, batch in enumerate(toy["batches"][:3]):
-        state, _ = step(state, frozen, batch, jax.random.key(i))
+    for i in range(100):
+        state, _ = step(state, frozen, toy["batches"][i % len(toy["batches"])], jax.random.key(i))
     trained = jgoat.combine(state.trainable, frozen)
+    trained_loss = float(loss_fn(trained, (x, y)))
+    print(f"\nGoRA: frozen {frozen_loss:.4f}, at init {gora_loss:.4f}, after 100 steps {trained_loss:.4f}")
+    assert trained_loss < 0.5 * frozen_loss, (trained_loss, frozen_loss)  # measured 0.062 vs 0.872
     for (_, node), (_, before) in zip(jgoat.adapters(trained), jgoat.adapters(wrapped), strict=True):
         r_pad = node.A.shape[-1]
         pad = np.arange(r_pad)[None, :] >= np.asarray(node.rank).reshape(-1, 1)  # [layers, r_pad]
