@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--out", default="runs/default", help="output directory")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    t.add_argument("--no-baseline", action="store_true", help="skip the frozen-base (head only) baseline run")
+    t.add_argument("--no-baseline", action="store_true",
+                   help="skip the baseline: frozen base + trained head (classify, image), the base model's eval (sft)")
     m = sub.add_parser("estimate-memory", help="peak training memory of a decoder LM step (XLA, nothing allocated)")
     m.add_argument("--config", default="llama-2-7b", help="a HF config.json (llama/mistral/qwen2) or 'llama-2-7b'")
     m.add_argument("--method", default="goat", choices=("goat", "molora", "lora", "rslora", "dora", "full"))
@@ -335,7 +336,12 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     labels = f", labels {task.label_names}" if task.label_names else ""
     print(f"data: {task.source}: {len(task.train)} train / {len(task.eval)} eval{labels}")
     results = []
-    if not args.no_baseline and args.method != "frozen" and task.kind != "sft":
+    if not args.no_baseline and task.kind == "sft":  # an LM needs no head: the baseline is the base model itself
+        t0 = time.perf_counter()
+        metrics = tasks.evaluate(task, task.params, args.eval_batch_size)[0]
+        results.append({"method": "base", "eval_loss": metrics["loss"], "eval": metrics,
+                        "seconds": time.perf_counter() - t0})
+    elif not args.no_baseline and args.method != "frozen":
         results.append(run(args, "frozen", None, task, args.head_lr))
     name = args.method if args.method != "goat" or args.scaling == "theory" else "goat_alpha"
     results.append(run(args, name, method_config(args), task, args.lr))

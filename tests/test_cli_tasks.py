@@ -147,6 +147,9 @@ def test_sft_cli_epochs_grad_accum_tensorboard_and_peft_export(llama_dir, tmp_pa
     np.testing.assert_allclose(evals[-1]["eval/perplexity"], np.exp(evals[-1]["eval/loss"]), rtol=1e-6)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["eval_loss"] == evals[-1]["eval/loss"] and result["steps"] == 8
+    baseline, tuned = json.loads((out / "results.json").read_text())  # the base model's own eval comes first
+    assert baseline["method"] == "base" and tuned["method"] == "lora"
+    assert baseline["eval_loss"] > evals[0]["eval/loss"] > tuned["eval_loss"]
     assert (run_dir / "training.png").stat().st_size > 0
 
     scalars = tb_scalars(run_dir / "tensorboard")  # tensorboard's own reader
