@@ -21,51 +21,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity import HID, IN, N_CLS, OUT, Deviations, FlaxMLP, gapped_spectrum, torch_mlp
 from toys import ScannedMLP
 
 import jgoat
 from jgoat.adapters import init_fn
 
-ATOL = RTOL = 2e-5
-MAX_DEV: dict[str, float] = {}
-IN, HID, OUT, N_CLS = 24, 40, 16, 3
+DEV = Deviations()
+_close = DEV.close
 R = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    print("\nmax |jgoat - reference| per quantity:")
-    for name, dev in sorted(MAX_DEV.items()):
-        print(f"  {name:<44} {dev:.3e}")
-
-
-def _close(label: str, got, want, atol: float = ATOL, rtol: float = RTOL) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (label, got.shape, want.shape)
-    dev = float(np.max(np.abs(got - want))) if got.size else 0.0
-    MAX_DEV[label] = max(MAX_DEV.get(label, 0.0), dev)
-    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol, err_msg=label)
-
-
-class FlaxMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.gelu(nn.Dense(HID, name="fc1")(x), approximate=False)
-        return nn.Dense(N_CLS, name="head")(jnp.tanh(nn.Dense(OUT, name="fc2")(h)))
+    DEV.report("reference")
 
 
 MLP = FlaxMLP()
-
-
-def _spectral(out_f: int, in_f: int, r: int, seed: int) -> np.ndarray:
-    """[out, in] with singular values linspace(2, 0.8) then a gap, then the r smallest linspace(0.3, 0.05)."""
-    rng = np.random.default_rng(seed)
-    h = min(out_f, in_f)
-    u, _ = np.linalg.qr(rng.standard_normal((out_f, h)))
-    v, _ = np.linalg.qr(rng.standard_normal((in_f, h)))
-    s = np.concatenate([np.linspace(2.0, 0.8, h - r), np.linspace(0.3, 0.05, r)])
-    return ((u * s) @ v.T).astype(np.float32)
 
 
 def _inputs(seed: int = 2):
@@ -77,7 +50,7 @@ def _numpy_params(seed: int = 0, spectral: bool = False) -> dict:
     rng = np.random.default_rng(seed)
     params = {}
     for i, (name, n, m) in enumerate((("fc1", IN, HID), ("fc2", HID, OUT), ("head", OUT, N_CLS))):
-        w = _spectral(m, n, R, 10 + i) if spectral and name != "head" else \
+        w = gapped_spectrum(m, n, R, 10 + i) if spectral and name != "head" else \
             (rng.standard_normal((m, n)) / np.sqrt(n)).astype(np.float32)
         params[name] = {"kernel": w.T.copy(), "bias": (0.1 * rng.standard_normal(m)).astype(np.float32)}
     return params
@@ -119,16 +92,7 @@ def _set(tree, name, **changes):
 def _torch_twin(params):
     torch = pytest.importorskip("torch")
 
-    class TorchMLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2, self.head = (torch.nn.Linear(IN, HID), torch.nn.Linear(HID, OUT),
-                                             torch.nn.Linear(OUT, N_CLS))
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
-
-    model = TorchMLP()
+    model = torch_mlp()
     with torch.no_grad():
         for name, p in params.items():
             getattr(model, name).weight.copy_(torch.from_numpy(np.asarray(p["kernel"]).T.copy()))

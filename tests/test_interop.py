@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity import HID, IN, N_CLS, OUT, Deviations, FlaxMLP, gapped_spectrum, torch_mlp
 from safetensors.numpy import load_file, save_file
 
 import jgoat
@@ -34,29 +35,9 @@ from jgoat.interop import default_torch_name, export_goat, export_peft, import_g
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-IN, HID, OUT, N_CLS = 24, 40, 16, 3
 D, F, L = 16, 32, 3  # stacked model: width, hidden, layers
-ATOL = RTOL = 2e-5
 ADAPTERS = (jgoat.LoraAdapter, jgoat.DoraAdapter, jgoat.GoatAdapter, jgoat.IA3Adapter, jgoat.KasaAdapter,
             jgoat.GoraAdapter)
-
-
-class TorchMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(IN, HID)
-        self.fc2 = torch.nn.Linear(HID, OUT)
-        self.head = torch.nn.Linear(OUT, N_CLS)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
-
-
-class FlaxMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.gelu(nn.Dense(HID, name="fc1")(x), approximate=False)
-        return nn.Dense(N_CLS, name="head")(jnp.tanh(nn.Dense(OUT, name="fc2")(h)))
 
 
 class TorchBlock(torch.nn.Module):
@@ -108,21 +89,14 @@ class Outer(torch.nn.Module):
         return self.net(x)
 
 
-MAX_DEV: dict[str, float] = {}
+DEV = Deviations()
+_close = DEV.close
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    print("\nmax |jgoat - peft| logits:")
-    for name, dev in sorted(MAX_DEV.items()):
-        print(f"  {name:<40} {dev:.3e}")
-
-
-def _close(label: str, got, want) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    MAX_DEV[label] = max(MAX_DEV.get(label, 0.0), float(np.max(np.abs(got - want))))
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL, err_msg=label)
+    DEV.report("peft")
 
 
 def _t2n(t) -> np.ndarray:
@@ -135,7 +109,7 @@ def _linear_params(linear) -> dict:
 
 def _mlp():
     torch.manual_seed(0)
-    model = TorchMLP()
+    model = torch_mlp()
     return model, {name: _linear_params(getattr(model, name)) for name in ("fc1", "fc2", "head")}
 
 
@@ -444,23 +418,13 @@ def test_ia3_export_loads_in_peft(case, tmp_path):
     chex.assert_trees_all_equal(import_peft(jgoat.wrap(params, cfg, key=jax.random.key(3)), tmp_path), wrapped)
 
 
-def _spectral(out_f: int, in_f: int, r: int, seed: int) -> np.ndarray:
-    """[out, in] with singular values linspace(2, 0.8), then a gap, then the r smallest linspace(0.3, 0.05)."""
-    rng = np.random.default_rng(seed)
-    h = min(out_f, in_f)
-    u, _ = np.linalg.qr(rng.standard_normal((out_f, h)))
-    v, _ = np.linalg.qr(rng.standard_normal((in_f, h)))
-    s = np.concatenate([np.linspace(2.0, 0.8, h - r), np.linspace(0.3, 0.05, r)])
-    return ((u * s) @ v.T).astype(np.float32)
-
-
 def _spectral_twin(model_fn, r: int):
     """model_fn's twin whose fc1 / fc2 weights have a spectral gap before their r smallest singular values."""
     model = model_fn()[0]
     with torch.no_grad():
         for i, (name, module) in enumerate(sorted(model.named_modules())):
             if name.endswith(("fc1", "fc2")):
-                module.weight.copy_(torch.from_numpy(_spectral(*module.weight.shape, r, 20 + i)))
+                module.weight.copy_(torch.from_numpy(gapped_spectrum(*module.weight.shape, r, 20 + i)))
     return model
 
 

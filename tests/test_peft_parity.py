@@ -19,41 +19,21 @@ from __future__ import annotations
 
 import copy
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity import HID, IN, N_CLS, OUT, Deviations, FlaxMLP, torch_mlp
 
 import jgoat
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-IN, HID, OUT, N_CLS = 24, 40, 16, 3
 R, ALPHA = 4, 8.0
 TARGETS = ("fc1", "fc2")
-ATOL = RTOL = 2e-5
-MAX_DEV: dict[str, float] = {}
-
-
-class TorchMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(IN, HID)
-        self.fc2 = torch.nn.Linear(HID, OUT)
-        self.head = torch.nn.Linear(OUT, N_CLS)
-
-    def forward(self, x):
-        h = torch.nn.functional.gelu(self.fc1(x))
-        return self.head(torch.tanh(self.fc2(h)))
-
-
-class FlaxMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.gelu(nn.Dense(HID, name="fc1")(x), approximate=False)  # torch's gelu is the erf form
-        return nn.Dense(N_CLS, name="head")(jnp.tanh(nn.Dense(OUT, name="fc2")(h)))
+DEV = Deviations()
+_close = DEV.close
 
 
 MODEL = FlaxMLP()
@@ -62,24 +42,14 @@ MODEL = FlaxMLP()
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    print("\nmax |jgoat - peft| per quantity:")
-    for name, dev in sorted(MAX_DEV.items()):
-        print(f"  {name:<44} {dev:.3e}")
-
-
-def _close(label: str, got, want, atol: float = ATOL, rtol: float = RTOL) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (label, got.shape, want.shape)
-    dev = float(np.max(np.abs(got - want))) if got.size else 0.0
-    MAX_DEV[label] = max(MAX_DEV.get(label, 0.0), dev)
-    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol, err_msg=label)
+    DEV.report("peft")
 
 
 def _t2n(t) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
 
-def _flax_params(model: TorchMLP) -> dict:
+def _flax_params(model: torch.nn.Module) -> dict:
     return {name: {"kernel": jnp.asarray(_t2n(getattr(model, name).weight).T),
                    "bias": jnp.asarray(_t2n(getattr(model, name).bias))}
             for name in ("fc1", "fc2", "head")}
@@ -95,9 +65,9 @@ def _spectral(out_f: int, in_f: int, top, tail_max: float, seed: int) -> np.ndar
     return ((u * s) @ v.T).astype(np.float32)
 
 
-def _base(weights: dict[str, np.ndarray] | None = None) -> TorchMLP:
+def _base(weights: dict[str, np.ndarray] | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = TorchMLP()
+    model = torch_mlp()
     for name, w in (weights or {}).items():
         with torch.no_grad():
             getattr(model, name).weight.copy_(torch.from_numpy(w))
