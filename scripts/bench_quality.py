@@ -46,20 +46,21 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--methods", nargs="*", default=None, help="subset of display names")
     p.add_argument("--out", default="runs/quality")
+    p.add_argument("--report-only", action="store_true", help="train nothing: table and plot of the finished runs")
     opts = p.parse_args()
-    base = cli.build_parser().parse_args(["train", "--steps", str(opts.steps), "--rank", str(opts.rank),
-                                          "--adapter-dropout", "0", "--save-every", str(opts.steps)])
-    model_dir = str(minilm_path())
-    tokenizer = load_tokenizer(model_dir)
-    data = data_lib.load_text_classification(tokenizer, max_length=base.max_length, test_size=base.test_size)
-    model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=jax.random.key(0))
     out = pathlib.Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "quality.jsonl"
     rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
-    for name, method, knobs, lr in METHODS:
-        if opts.methods and name not in opts.methods:
-            continue
+    todo = [] if opts.report_only else [m for m in METHODS if not opts.methods or m[0] in opts.methods]
+    if todo:
+        base = cli.build_parser().parse_args(["train", "--steps", str(opts.steps), "--rank", str(opts.rank),
+                                              "--adapter-dropout", "0", "--save-every", str(opts.steps)])
+        model_dir = str(minilm_path())
+        tokenizer = load_tokenizer(model_dir)
+        data = data_lib.load_text_classification(tokenizer, max_length=base.max_length, test_size=base.test_size)
+        model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=jax.random.key(0))
+    for name, method, knobs, lr in todo:
         for seed in opts.seeds:
             if any(r["method"] == name and r["seed"] == seed and r["steps"] == opts.steps for r in rows):
                 continue
@@ -75,14 +76,15 @@ def main() -> None:
                 f.write(json.dumps(rows[-1]) + "\n")
             print(json.dumps(rows[-1]), flush=True)
     rows = [r for r in rows if r["steps"] == opts.steps]
-    lines = ["| method | lr | test accuracy (mean ± std) | seeds | s/run |", "|---|---|---|---|---|"]
+    lines = ["| method | lr | test accuracy (mean ± sample std) | seeds | s/run |", "|---|---|---|---|---|"]
     summary = []
     for name, *_ in METHODS:
         acc = [r["accuracy"] for r in rows if r["method"] == name]
         if acc:
             sec = np.mean([r["seconds"] for r in rows if r["method"] == name])
             lr = next(r["lr"] for r in rows if r["method"] == name)
-            lines.append(f"| {name} | {lr:g} | {np.mean(acc):.4f} ± {np.std(acc):.4f} | {len(acc)} | {sec:.0f} |")
+            std = np.std(acc, ddof=1) if len(acc) > 1 else 0.0
+            lines.append(f"| {name} | {lr:g} | {np.mean(acc):.4f} ± {std:.4f} | {len(acc)} | {sec:.0f} |")
             summary.append({"method": name, "test_accuracy": float(np.mean(acc))})
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
