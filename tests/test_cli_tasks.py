@@ -226,3 +226,13 @@ def test_shipped_configs_parse_with_the_published_settings():
         assert (a.task, a.rank, a.alpha, a.lr, a.batch_size, a.eta, a.rho) == published[name], name
         assert (a.experts, a.top_k, a.warmup_ratio, a.clip_norm, a.dtype) == (8, 2, 0.03, 1.0, "bfloat16"), name
     assert parsed["commonsense_llama2_7b"].targets == ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+def test_packaged_model_names_resolve(tmp_path, monkeypatch):
+    from jgoat.models import minilm_path
+
+    assert cli.resolve_model("minilm") == str(minilm_path())
+    assert cli.resolve_model(str(tmp_path)) == str(tmp_path) and cli.resolve_model(None) is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minilm").mkdir()  # a real folder of that name wins over the package
+    assert cli.resolve_model("minilm") == "minilm"
