@@ -384,17 +384,19 @@ class CLIPEncoderLayer(nn.Module):
         return x_BxTxD + CLIPMLP(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(x_BxTxD))
 
 
-class CLIPEncoder(nn.Module):
-    """Stack of ``layers_{i}`` (optionally rematerialised)."""
+class Encoder(nn.Module):
+    """Stack of ``{layer_name}_{i}`` layers (CLIP: ``layers_i``, ViT: ``layer_i``), optionally rematerialised."""
 
-    config: CLIPVisionConfig
+    config: VisionConfig
+    layer: type[nn.Module]
+    layer_name: str
 
     @nn.compact
     def __call__(self, x_BxTxD, *, deterministic: bool):
         cfg = self.config
-        layer_cls = nn.remat(CLIPEncoderLayer, static_argnums=(2,)) if cfg.remat else CLIPEncoderLayer
+        layer_cls = nn.remat(self.layer, static_argnums=(2,)) if cfg.remat else self.layer
         for i in range(cfg.num_hidden_layers):
-            x_BxTxD = layer_cls(cfg, name=f"layers_{i}")(x_BxTxD, deterministic)
+            x_BxTxD = layer_cls(cfg, name=f"{self.layer_name}_{i}")(x_BxTxD, deterministic)
         return x_BxTxD
 
 
@@ -419,7 +421,7 @@ class CLIPVisionModel(nn.Module):
         _check_pixels(cfg, pixel_values_BxHxWxC)
         x_BxTxD = CLIPVisionEmbeddings(cfg, name="embeddings")(pixel_values_BxHxWxC.astype(cfg.dtype))
         x_BxTxD = _layer_norm(cfg, "pre_layrnorm")(x_BxTxD)
-        x_BxTxD = CLIPEncoder(cfg, name="encoder")(x_BxTxD, deterministic=deterministic)
+        x_BxTxD = Encoder(cfg, CLIPEncoderLayer, "layers", name="encoder")(x_BxTxD, deterministic=deterministic)
         pooled_BxD = _layer_norm(cfg, "post_layernorm")(x_BxTxD[:, 0])
         return VisionModelOutput(x_BxTxD, pooled_BxD)
 
@@ -551,20 +553,6 @@ class ViTLayer(nn.Module):
         return x_BxTxD + ViTDenseDropout(cfg, name="output")(h_BxTxF, deterministic=deterministic)
 
 
-class ViTEncoder(nn.Module):
-    """Stack of ``layer_{i}`` (optionally rematerialised)."""
-
-    config: ViTConfig
-
-    @nn.compact
-    def __call__(self, x_BxTxD, *, deterministic: bool):
-        cfg = self.config
-        layer_cls = nn.remat(ViTLayer, static_argnums=(2,)) if cfg.remat else ViTLayer
-        for i in range(cfg.num_hidden_layers):
-            x_BxTxD = layer_cls(cfg, name=f"layer_{i}")(x_BxTxD, deterministic)
-        return x_BxTxD
-
-
 class ViTPooler(nn.Module):
     """HF ``pooler``: ``dense`` (to ``pooler_output_size``) + ``pooler_act`` on the [CLS] token."""
 
@@ -603,7 +591,7 @@ class ViTModel(nn.Module):
         _check_pixels(cfg, pixel_values_BxHxWxC)
         embeddings = ViTEmbeddings(cfg, name="embeddings")
         x_BxTxD = embeddings(pixel_values_BxHxWxC.astype(cfg.dtype), deterministic=deterministic)
-        x_BxTxD = ViTEncoder(cfg, name="encoder")(x_BxTxD, deterministic=deterministic)
+        x_BxTxD = Encoder(cfg, ViTLayer, "layer", name="encoder")(x_BxTxD, deterministic=deterministic)
         x_BxTxD = _layer_norm(cfg, "layernorm")(x_BxTxD)
         pooled_BxD = ViTPooler(cfg, name="pooler")(x_BxTxD) if self.add_pooling_layer else None
         return VisionModelOutput(x_BxTxD, pooled_BxD)
