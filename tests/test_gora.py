@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from toys import ScannedMLP
+from toys import ScannedMLP, low_rank_teacher
 
 import jgoat
 from jgoat.adapters.gora import allocate_ranks
@@ -39,13 +39,7 @@ def toy():
     model = Net()
     k = jax.random.split(jax.random.key(0), 6)
     base = model.init(k[0], jnp.zeros((1, D)))["params"]
-    teacher = jax.tree.map(lambda v: v, base)
-    for name, kk in (("up", k[1]), ("down", k[2])):
-        kernel = base["layers"][name]["kernel"]
-        u = jax.random.normal(kk, (*kernel.shape[:2], 2)) / np.sqrt(kernel.shape[1])
-        v = jax.random.normal(jax.random.fold_in(kk, 1), (kernel.shape[0], 2, kernel.shape[2]))
-        strength = jnp.asarray([0.5, 0.15, 0.05])[:, None, None]
-        teacher["layers"][name] = {**base["layers"][name], "kernel": kernel + strength * (u @ v)}
+    teacher = low_rank_teacher(base, (k[1], k[2]), rank=2, strength=jnp.asarray([0.5, 0.15, 0.05])[:, None, None])
 
     def data(key, n, batch):
         xs = jax.random.normal(key, (n, batch, D))

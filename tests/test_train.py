@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from toys import ScannedMLP
+from toys import ScannedMLP, low_rank_teacher
 
 import jgoat
 from jgoat.train import accumulate_step
@@ -25,12 +25,7 @@ def toy_problem(seed=0):
     k = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(k[0], (16, 8, D))
     base = model.init(k[1], x)["params"]
-    teacher = jax.tree.map(lambda v: v, base)
-    for name, kk in (("up", k[2]), ("down", k[3])):
-        kernel = base["layers"][name]["kernel"]
-        u = jax.random.normal(kk, (*kernel.shape[:2], 4)) / np.sqrt(kernel.shape[1])
-        v = jax.random.normal(jax.random.fold_in(kk, 1), (kernel.shape[0], 4, kernel.shape[2]))
-        teacher["layers"][name] = {**base["layers"][name], "kernel": kernel + 0.5 * (u @ v)}
+    teacher = low_rank_teacher(base, (k[2], k[3]), rank=4, strength=0.5)
     return model, base, teacher, k[4]
 
 
