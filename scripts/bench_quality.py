@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import time
 
 import jax
@@ -36,6 +37,9 @@ METHODS = [  # run in this order, so an interrupted benchmark has the headline c
     ("DoRA", "dora", {}, 1e-3),
     ("PiSSA", "pissa", {}, 1e-3),
     ("MiLoRA", "milora", {}, 1e-3),
+    # GOAT's theory scaling assumes the adapter lr is the full-FT lr / η: the two ways to make that true here
+    ("GOAT (η = 5e-5 / 1e-3)", "goat", {"eta": 0.05}, 1e-3),
+    ("GOAT (lr 3e-4)", "goat", {}, 3e-4),
 ]
 
 
@@ -67,7 +71,7 @@ def main() -> None:
             # resume: a run cut off mid-way continues from its last checkpoint
             args = argparse.Namespace(**{**vars(base), "method": method, "seed": seed, **knobs,
                                          "out": f"{opts.out}/seed{seed}", "resume": True})
-            run = name.replace(" ", "_").replace("(", "").replace(")", "")
+            run = re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
             start = time.perf_counter()
             result = cli.fit(args, run, cli.method_config(args), model, params, data, lr)
             rows.append({"method": name, "seed": seed, "steps": opts.steps, "lr": lr,
