@@ -80,6 +80,17 @@ class Context:
     token_mask_T: Array | None
 
 
+class AdditiveMerge:
+    """``merge`` / ``unmerge`` for an adapter whose whole effect is kernel + ``delta_weight()`` (the [in, out] update
+    in float32): the sum is taken in float32 and cast back to the kernel's dtype."""
+
+    def merge(self, kernel_IxO: Array) -> Array:
+        return (kernel_IxO.astype(jnp.float32) + self.delta_weight()).astype(kernel_IxO.dtype)
+
+    def unmerge(self, kernel_IxO: Array) -> Array:
+        return (kernel_IxO.astype(jnp.float32) - self.delta_weight()).astype(kernel_IxO.dtype)
+
+
 def kaiming_uniform(key: Array, in_features: int, shape: tuple[int, ...]) -> Array:
     """torch's ``kaiming_uniform_(w, a=sqrt(5))`` on a weight with fan_in = in_features: U(±1/sqrt(in))."""
     bound = 1.0 / math.sqrt(in_features)

@@ -60,7 +60,7 @@ import numpy as np
 from flax import struct
 
 from jgoat._tree import ADAPTER_KEY, get_at, iter_modules, path_str, replace_at
-from jgoat.adapters.base import AdapterConfig, Array, Context, dropout, kaiming_uniform, low_rank
+from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, low_rank
 
 PyTree = Any
 GORA_SIGNS = ("descend", "code")
@@ -136,7 +136,7 @@ class GoraConfig(AdapterConfig):
 
 
 @struct.dataclass
-class GoraAdapter:
+class GoraAdapter(AdditiveMerge):
     """One GoRA layer: a LoRA layer whose rank is a frozen leaf.
 
     A [in, r_pad], B [r_pad, out] (trained); rank int32 [] (r_l ≤ r_pad, frozen): columns j ≥ rank of A are masked
@@ -169,11 +169,6 @@ class GoraAdapter:
         delta = self.scale * low_rank(x_drop, self.masked_A(), self.B)
         return y_TxO + delta.astype(y_TxO.dtype), None
 
-    def merge(self, kernel_IxO: Array) -> Array:
-        return (kernel_IxO.astype(jnp.float32) + self.delta_weight()).astype(kernel_IxO.dtype)
-
-    def unmerge(self, kernel_IxO: Array) -> Array:
-        return (kernel_IxO.astype(jnp.float32) - self.delta_weight()).astype(kernel_IxO.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- per-layer init

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jgoat.adapters.base import AdapterConfig, Array, Context, dropout, kaiming_uniform, svd_torch_layout
+from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, svd_torch_layout
 from jgoat.adapters.lora import offset, offset_weight
 
 KASA_TRUNCATIONS = ("spec", "reference")
@@ -101,9 +101,12 @@ class KasaConfig(AdapterConfig):
 
 
 @struct.dataclass
-class KasaAdapter:
+class KasaAdapter(AdditiveMerge):
     """One KaSA layer: A [in, r], B [r, out], diag Δ [r]; the dropped base part res_A [in, m], res_B [m, out]
-    (None when the truncation drops nothing); static s, dropout, β, γ."""
+    (None when the truncation drops nothing); static s, dropout, β, γ.
+
+    ``merge`` gives the truncated base plus the update (what peft's merge_and_unload holds); ``unmerge`` gives back
+    the ORIGINAL (untruncated) kernel: jgoat keeps the dropped part, peft cannot."""
 
     A: Array
     B: Array
@@ -135,14 +138,6 @@ class KasaAdapter:
         h_TxR = (x_drop @ self.A) * self.diag[None, :]
         delta = self.scale * (h_TxR @ self.B) - offset(self, x_TxI)
         return y_TxO + delta.astype(y_TxO.dtype), None
-
-    def merge(self, kernel_IxO: Array) -> Array:
-        """Kernel of the truncated base plus the update (what peft's merge_and_unload holds)."""
-        return (kernel_IxO.astype(jnp.float32) + self.delta_weight()).astype(kernel_IxO.dtype)
-
-    def unmerge(self, kernel_IxO: Array) -> Array:
-        """Back to the ORIGINAL (untruncated) kernel: jgoat keeps the dropped part, peft cannot."""
-        return (kernel_IxO.astype(jnp.float32) - self.delta_weight()).astype(kernel_IxO.dtype)
 
     def regularizer(self) -> Array:
         """β · Σ Δ² + γ · (‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) in torch layout (peft's `_kasa_layer_regularization_loss`),

@@ -19,6 +19,7 @@ from flax import struct
 
 from jgoat.adapters.base import (
     AdapterConfig,
+    AdditiveMerge,
     Array,
     Context,
     dropout,
@@ -77,7 +78,7 @@ class LoraConfig(AdapterConfig):
 
 
 @struct.dataclass
-class LoraAdapter:
+class LoraAdapter(AdditiveMerge):
     """One LoRA layer. A [in, r], B [r, out]; optional frozen offset res_A [in, r], res_B [r, out] (s folded in)."""
 
     A: Array
@@ -103,11 +104,6 @@ class LoraAdapter:
         delta = self.scale * low_rank(x_drop, self.A, self.B) - offset(self, x_TxI)
         return y_TxO + delta.astype(y_TxO.dtype), None
 
-    def merge(self, kernel_IxO: Array) -> Array:
-        return (kernel_IxO.astype(jnp.float32) + self.delta_weight()).astype(kernel_IxO.dtype)
-
-    def unmerge(self, kernel_IxO: Array) -> Array:
-        return (kernel_IxO.astype(jnp.float32) - self.delta_weight()).astype(kernel_IxO.dtype)
 
 
 def offset(adapter, x_TxI: Array) -> Array:

@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 
 from jgoat._tree import ADAPTER_KEY, iter_modules, path_str, replace_at
-from jgoat.adapters.base import AdapterConfig, Array, Context, dropout, kaiming_uniform, low_rank
+from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, low_rank
 from jgoat.adapters.lora import LoraAdapter
 
 PyTree = Any
@@ -81,7 +81,7 @@ def _check_sparsity(sparsity: float) -> None:
 
 
 @struct.dataclass
-class LoriAdapter:
+class LoriAdapter(AdditiveMerge):
     """One LoRI layer: A [in, r] frozen, B [r, out] trained, mask [r, out] bool (LoRI-S, frozen) or None (LoRI-D)."""
 
     A: Array
@@ -111,11 +111,6 @@ class LoriAdapter:
         delta = self.scale * low_rank(x_drop, self.A, self.effective_B())
         return y_TxO + delta.astype(y_TxO.dtype), None
 
-    def merge(self, kernel_IxO: Array) -> Array:
-        return (kernel_IxO.astype(jnp.float32) + self.delta_weight()).astype(kernel_IxO.dtype)
-
-    def unmerge(self, kernel_IxO: Array) -> Array:
-        return (kernel_IxO.astype(jnp.float32) - self.delta_weight()).astype(kernel_IxO.dtype)
 
 
 def init(cfg: LoriConfig, kernel_IxO: Array, key: Array) -> LoriAdapter:
