@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-column", default="prompt")
     t.add_argument("--response-column", default="response")
     t.add_argument("--messages-column", default="messages", help="chat data: a list of {role, content}")
-    t.add_argument("--no-chat-template", action="store_true", help="sft: plain prompt+response even with a template")
+    t.add_argument("--chat-template", default=True, action=argparse.BooleanOptionalAction,
+                   help="sft: apply the tokenizer's chat template when it has one (--no-chat-template: plain "
+                        "prompt+response)")
     t.add_argument("--image-column", default="image")
     t.add_argument("--method", default="goat", choices=METHODS)
     t.add_argument("--targets", default="all-linear", type=_targets,
@@ -112,14 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute and base-weight dtype; adapters and the head stay float32")
     t.add_argument("--remat", default=None, help="sft: remat policy of the decoder layers (e.g. full, dots)")
     t.add_argument("--aux-coeff", type=float, default=1e-3)
-    t.add_argument("--aux-count-padding", action="store_true",
+    t.add_argument("--aux-count-padding", default=False, action=argparse.BooleanOptionalAction,
                    help="count padding tokens in GOAT's aux loss, as the official code does")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--out", default="runs/default", help="output directory")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    t.add_argument("--no-baseline", action="store_true",
-                   help="skip the baseline: frozen base + trained head (classify, image), the base model's eval (sft)")
+    t.add_argument("--resume", default=False, action=argparse.BooleanOptionalAction,
+                   help="continue from the latest checkpoint in --out")
+    t.add_argument("--baseline", default=True, action=argparse.BooleanOptionalAction,
+                   help="also report the baseline: frozen base + trained head (classify, image), the base model's "
+                        "eval (sft)")
     m = sub.add_parser("estimate-memory", help="peak training memory of a decoder LM step (XLA, nothing allocated)")
     m.add_argument("--config", default="llama-2-7b", help="a HF config.json (llama/mistral/qwen2) or 'llama-2-7b'")
     m.add_argument("--method", default="goat", choices=("goat", "molora", "lora", "rslora", "dora", "full"))
@@ -141,8 +145,9 @@ def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def config_argv(path: str | os.PathLike, parser: argparse.ArgumentParser) -> list[str]:
     """The flags a config file holds, as command-line tokens (put before the real ones, which then win).
 
-    Keys are flag names with - or _ (``batch_size``); lists become comma lists (targets); true booleans become
-    bare flags, false / null ones are left out; keys starting with '_' are comments.
+    Keys are flag names with - or _ (``batch_size``); lists become comma lists (targets); booleans become
+    ``--flag`` / ``--no-flag`` (so a later ``--no-resume`` switches off a config's ``resume: true``), null ones are
+    left out; keys starting with '_' are comments.
     """
     path = pathlib.Path(path)
     if path.suffix.lower() in (".yaml", ".yml"):
@@ -155,17 +160,22 @@ def config_argv(path: str | os.PathLike, parser: argparse.ArgumentParser) -> lis
         config = json.loads(path.read_text())
     if not isinstance(config, dict):
         raise SystemExit(f"{path}: a config file holds one mapping of flag names to values")
-    known = {s for action in _train_parser(parser)._actions for s in action.option_strings}
+    actions = {s: action for action in _train_parser(parser)._actions for s in action.option_strings}
     argv: list[str] = []
     for key, value in config.items():
         if key.startswith("_"):
             continue
         flag = "--" + key.replace("_", "-")
-        if flag not in known or flag == "--config":
+        if flag not in actions or flag == "--config":
             raise SystemExit(f"{path}: unknown key {key!r}; keys are the flags of `jgoat train --help`")
-        if value is True:
-            argv.append(flag)
-        elif value is not None and value is not False:
+        switch = isinstance(actions[flag], argparse.BooleanOptionalAction)
+        if value is None:
+            continue
+        if isinstance(value, bool) != switch:
+            raise SystemExit(f"{path}: {key!r} takes {'true or false' if switch else 'a value, not ' + str(value)}")
+        if switch:  # the spelling of the flag that means `value` (`no_baseline: false` is --baseline)
+            argv.append(flag if value else next(s for s in actions[flag].option_strings if s != flag))
+        else:
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return argv
 
@@ -347,12 +357,12 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     labels = f", labels {task.label_names}" if task.label_names else ""
     print(f"data: {task.source}: {len(task.train)} train / {len(task.eval)} eval{labels}")
     results = []
-    if not args.no_baseline and task.kind == "sft":  # an LM needs no head: the baseline is the base model itself
+    if args.baseline and task.kind == "sft":  # an LM needs no head: the baseline is the base model itself
         t0 = time.perf_counter()
         metrics = tasks.evaluate(task, task.params, args.eval_batch_size)[0]
         results.append({"method": "base", "eval_loss": metrics["loss"], "eval": metrics,
                         "seconds": time.perf_counter() - t0})
-    elif not args.no_baseline and args.method != "frozen":
+    elif args.baseline and args.method != "frozen":
         results.append(run(args, "frozen", None, task, args.head_lr))
     name = args.method if args.method != "goat" or args.scaling == "theory" else "goat_alpha"
     results.append(run(args, name, method_config(args), task, args.lr))

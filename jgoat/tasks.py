@@ -191,7 +191,7 @@ def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
     train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
                                                 opts.seed)
     kw = dict(max_length=opts.max_length, prompt_column=opts.prompt_column, response_column=opts.response_column,
-              messages_column=opts.messages_column, use_chat_template=not opts.no_chat_template)
+              messages_column=opts.messages_column, use_chat_template=opts.chat_template)
     splits = [ArraySplit(data_lib.sft_arrays(tokenizer, ds, **kw)) for ds in (train, held_out)]
     model, params, _ = from_pretrained(model_dir, dtype=dtype, remat_policy=opts.remat)
     return Task("sft", model, params, splits[0], splits[1], (), opts.data, model_dir)

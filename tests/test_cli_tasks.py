@@ -109,7 +109,17 @@ def test_config_file_values_and_command_line_override(tmp_path):
     argv = ["train", "--config", str(config), "--batch-size", "8"]
     args = parser.parse_args(["train", *cli.config_argv(config, parser), *argv[1:]])
     assert (args.task, args.lr, args.batch_size, args.targets) == ("sft", 2e-5, 8, ("q_proj", "v_proj"))
-    assert args.no_baseline and not args.resume and args.epochs == 3 and args.steps == 300
+    assert not args.baseline and not args.resume and args.epochs == 3 and args.steps == 300
+    # Booleans are switches both ways: the command line turns a config's true off and its false on.
+    config.write_text(json.dumps({"resume": True, "no_chat_template": True, "no_baseline": False,
+                                  "aux_count_padding": None}))
+    assert cli.config_argv(config, parser) == ["--resume", "--no-chat-template", "--baseline"]
+    args = parser.parse_args(["train", *cli.config_argv(config, parser), "--no-resume", "--chat-template"])
+    assert not args.resume and args.chat_template and args.baseline and not args.aux_count_padding
+    for bad, message in (({"resume": "yes"}, "'resume' takes true or false"), ({"rank": True}, "'rank' takes a value")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=message):
+            cli.config_argv(tmp_path / "bad.json", parser)
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1e-4}))
     with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
         cli.config_argv(tmp_path / "bad.json", parser)
@@ -175,6 +185,49 @@ def test_sft_cli_epochs_grad_accum_tensorboard_and_peft_export(llama_dir, tmp_pa
         theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     assert np.abs(ours - base).max() > 1e-2  # the adapters trained
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_sft_sigkill_resume_with_grad_accum_and_epochs_is_exact(llama_dir, tmp_path):
+    """The classify resume test (test_cli.py) for the SFT path: token-weighted accumulation, epoch reshuffles and
+    GOAT's dropout keys must all continue exactly where the killed run stopped."""
+    import os
+    import subprocess
+    import sys
+
+    def run(out, *extra, env=None):
+        cmd = [sys.executable, "-m", "jgoat", "train", "--task", "sft", "--model", str(llama_dir / "model"),
+               "--data", str(llama_dir / "train.jsonl"), "--out", str(out), "--method", "goat", "--rank", "4",
+               "--experts", "2", "--top-k", "1", "--adapter-dropout", "0.1", "--epochs", "3", "--batch-size", "8",
+               "--grad-accum", "2", "--max-length", "16", "--test-size", "8", "--save-every", "3", "--no-baseline",
+               *extra]  # 32 train examples / 8 = 4 steps per epoch: 12 steps, epochs end at 4, 8, 12
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+    straight = run(tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run(tmp_path / "b", env={"JGOAT_FAULT_KILL_AT_STEP": "7"})  # dies before step 8, after the step-6 save
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
+    assert jgoat.latest_step(tmp_path / "b" / "goat" / "checkpoints") == 6
+    resumed = run(tmp_path / "b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 6" in resumed.stdout
+
+    def final(out):
+        import orbax.checkpoint as ocp
+
+        with ocp.CheckpointManager(os.path.abspath(out / "goat" / "checkpoints")) as mngr:
+            step = mngr.latest_step()
+            restored = mngr.restore(step, args=ocp.args.Composite(adapter=ocp.args.StandardRestore()))
+        rows = [json.loads(line) for line in (out / "goat" / "metrics.jsonl").read_text().splitlines()]
+        return step, {k: np.asarray(v) for k, v in restored["adapter"].items()}, rows
+
+    (step_a, a, rows_a), (step_b, b, rows_b) = final(tmp_path / "a"), final(tmp_path / "b")
+    assert step_a == step_b == 12 and a.keys() == b.keys()
+    for name in a:  # bit-identical: same batches, same dropout keys, same compiled step
+        np.testing.assert_array_equal(a[name], b[name])
+    evals = [(r["step"], r["eval/loss"]) for r in rows_a if "eval/loss" in r]
+    assert [s for s, _ in evals] == [4, 8, 12]
+    assert [(r["step"], r["eval/loss"]) for r in rows_b if "eval/loss" in r] == evals  # the step-4 one from before
+    assert [r["step"] for r in rows_b if "task_loss" in r] == list(range(1, 13))
 
 
 def test_image_cli_trains_head_and_goat_with_outputs(tmp_path):
