@@ -39,6 +39,8 @@ METHODS = [  # run in this order, so an interrupted benchmark has the headline c
     ("MiLoRA", "milora", {}, 1e-3),
     # GOAT's theory scaling assumes the adapter lr is the full-FT lr / η: the two ways to make that true here
     ("GOAT (η = 5e-5 / 1e-3)", "goat", {"eta": 0.05}, 1e-3),
+    # rsLoRA's s = α/√r is √r = 5.7× LoRA's α/r at equal α: the same effective step needs about that much less lr
+    ("rsLoRA (lr 2e-4)", "rslora", {}, 2e-4),
     ("GOAT (lr 3e-4)", "goat", {}, 3e-4),
 ]
 
