@@ -9,7 +9,8 @@ only), ``--task image`` a CLIP vision / ViT folder with a new linear head. ``--c
 PyYAML) holds flags as keys (``"batch_size": 32`` or ``"batch-size": 32``); flags on the command line override it.
 Outputs under ``<out>/<method>/``: orbax checkpoints, metrics.jsonl (train rows and ``eval/*`` rows at epoch ends
 and at the end), tensorboard/ event files, PNG plots, result.json and the final adapter (PEFT format for the LoRA
-family, jgoat's GOAT format for GOAT / MoLoRA).
+family, KaSA, GoRA and IA³; jgoat's GOAT format for GOAT / MoLoRA). ``--method`` is any method of the catalogue
+(``METHODS``); ``--quantize nf4`` puts it on an NF4 base (QLoRA).
 """
 
 from __future__ import annotations
@@ -36,23 +37,60 @@ from jgoat.plots import plot_results, plot_run
 from jgoat.tensorboard import write_scalars
 from jgoat.train import accumulate_step, cosine_schedule
 
-METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "frozen", "full")
+METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "kasa", "gora", "lori", "lori_s",
+           "ia3", "prompt", "prefix", "houlsby", "pfeiffer", "frozen", "full")
+# peft's (IA)³ targets and feed-forward modules per model type (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING), as jgoat paths
+IA3_DEFAULTS = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "bert": (("key", "value", "output/dense"), ("output/dense",)),
+    "roberta": (("key", "value", "output/dense"), ("output/dense",)),
+}
 
 
-def method_config(args: argparse.Namespace) -> AdapterConfig | None:
-    """The adapter config a method name and the CLI knobs describe (None: "frozen" head only, "full" FT)."""
+def method_config(args: argparse.Namespace, model_type: str | None = None) -> Any:
+    """The adapter config a method name and the CLI knobs describe (None: "frozen" head only, "full" FT).
+
+    `model_type` (the loaded model's, e.g. "bert", "llama") picks (IA)³'s default targets when --targets is not given.
+    """
     saved = ("classifier",) if args.command == "train" and args.task != "sft" else ()
-    common = dict(targets=args.targets, dropout=args.adapter_dropout, modules_to_save=saved)
-    if args.method in ("frozen", "full"):
+    targets = args.targets or "all-linear"
+    common = dict(targets=targets, dropout=args.adapter_dropout, modules_to_save=saved)
+    method = args.method
+    if method in ("frozen", "full"):
         return None
-    if args.method == "goat":
+    if method == "goat":
         return jgoat.GoatConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha,
                                 scaling=args.scaling, init=args.goat_init, eta=args.eta, rho=args.rho, **common)
-    if args.method == "molora":
+    if method == "molora":
         return jgoat.MoLoraConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha, **common)
-    init = {"pissa": "pissa", "milora": "milora", "olora": "olora"}.get(args.method, "kaiming")
-    return jgoat.LoraConfig(rank=args.rank, alpha=args.alpha, init=init, use_rslora=args.method == "rslora",
-                            use_dora=args.method == "dora", **common)
+    if method == "kasa":
+        return jgoat.KasaConfig(rank=args.rank, alpha=args.alpha, beta=args.kasa_beta, gamma=args.kasa_gamma,
+                                **common)
+    if method == "gora":  # the official scripts' bounds around r_ref = 8: r_min = r_ref / 2, r_max = 4 r_ref
+        return jgoat.GoraConfig(r_ref=args.rank, r_min=max(1, args.rank // 2), r_max=4 * args.rank,
+                                alpha=args.alpha, lr_init=args.gora_lr_init, **common)
+    if method in ("lori", "lori_s"):
+        return jgoat.LoriConfig(rank=args.rank, alpha=args.alpha, sparsity=args.lori_sparsity, **common)
+    if method == "ia3":
+        if args.targets is None:
+            if model_type not in IA3_DEFAULTS:
+                raise ValueError(f"--method ia3 has no default targets for model type {model_type!r} (peft has none "
+                                 "either): give --targets and --feedforward")
+            targets, feedforward = IA3_DEFAULTS[model_type]
+        else:
+            feedforward = args.feedforward if args.feedforward is not None else ()
+        return jgoat.IA3Config(**{**common, "targets": targets}, feedforward=feedforward)
+    if method == "prompt":
+        return jgoat.PromptTuningConfig(args.virtual_tokens, init=args.prompt_init, init_text=args.prompt_init_text)
+    if method == "prefix":
+        return jgoat.PrefixTuningConfig(args.virtual_tokens, prefix_projection=args.prefix_projection)
+    if method in ("houlsby", "pfeiffer"):
+        return jgoat.BottleneckConfig(args.reduction_factor, placement=method)
+    init = {"pissa": "pissa", "milora": "milora", "olora": "olora"}.get(method, "kaiming")
+    return jgoat.LoraConfig(rank=args.rank, alpha=args.alpha, init=init, use_rslora=method == "rslora",
+                            use_dora=method == "dora", **common)
 
 
 def _targets(value: str) -> str | tuple[str, ...]:
@@ -86,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt+response)")
     t.add_argument("--image-column", default="image")
     t.add_argument("--method", default="goat", choices=METHODS)
-    t.add_argument("--targets", default="all-linear", type=_targets,
-                   help="'all-linear', a comma list of module names (query,value) or a path regex")
+    t.add_argument("--targets", default=None, type=_targets,
+                   help="'all-linear' (default; ia3: peft's defaults for the model type), a comma list of module "
+                        "names (query,value) or a path regex")
+    t.add_argument("--quantize", default="none", choices=("none", "nf4"),
+                   help="nf4: QLoRA, the base's linear kernels stored as NF4 (double quant) under the adapter")
     t.add_argument("--rank", type=int, default=32)
     t.add_argument("--experts", type=int, default=8)
     t.add_argument("--top-k", type=int, default=2)
@@ -96,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eta", type=float, default=1.0, help="GOAT: full-FT / LoRA lr ratio in the theory scaling")
     t.add_argument("--rho", type=float, default=10.0, help="GOAT: init damping")
     t.add_argument("--goat-init", default="goat", choices=("goat", "goat_mini", "pissa", "milora", "zero"))
+    t.add_argument("--kasa-beta", type=float, default=1e-4, help="KaSA: weight of the Σ Δ² regulariser")
+    t.add_argument("--kasa-gamma", type=float, default=1e-3, help="KaSA: weight of the orthogonality regulariser")
+    t.add_argument("--gora-lr-init", type=float, default=5e-2, help="GoRA: step size the gradient init encodes")
+    t.add_argument("--gora-batches", type=int, default=32, help="GoRA: batches averaged for the init gradient")
+    t.add_argument("--lori-sparsity", type=float, default=0.9,
+                   help="LoRI-S: fraction of B removed by the mask from the LoRI-D run (lori_s trains at 10x --lr)")
+    t.add_argument("--feedforward", default=None, type=_targets,
+                   help="ia3: which --targets are feed-forward layers (scaled on their input)")
+    t.add_argument("--virtual-tokens", type=int, default=20, help="prompt / prefix tuning: virtual tokens")
+    t.add_argument("--prompt-init", default="random", choices=("random", "sample_vocab", "text"))
+    t.add_argument("--prompt-init-text", default=None, help="prompt tuning with --prompt-init text")
+    t.add_argument("--prefix-projection", default=False, action=argparse.BooleanOptionalAction,
+                   help="prefix tuning: reparameterise the prefix through an MLP")
+    t.add_argument("--reduction-factor", type=int, default=16, help="houlsby / pfeiffer: hidden / bottleneck size")
     t.add_argument("--adapter-dropout", type=float, default=0.0,
                    help="adapter dropout (published GOAT setting: 0.05; per-expert masks cost ~6x on CPU)")
     t.add_argument("--lr", type=float, default=1e-3)
@@ -215,9 +270,45 @@ def total_steps(args: argparse.Namespace, n_train: int) -> tuple[int, int]:
     return (args.epochs * per_epoch if args.epochs else args.steps), per_epoch
 
 
-def export_adapter(tree, cfg: AdapterConfig | None, out: pathlib.Path, model_dir: str | None) -> str:
-    """Write the final adapter (PEFT for the LoRA family, jgoat's GOAT format for GOAT / MoLoRA); what was done."""
-    if isinstance(cfg, jgoat.LoraConfig):
+def attach(task: tasks.Task, cfg: Any, name: str, key: jax.Array, args: argparse.Namespace,
+           out: pathlib.Path) -> dict:
+    """The params tree `name` trains: the base (NF4 with --quantize nf4) with the method's adapter or markers."""
+    params = jgoat.quantize_nf4(task.params) if args.quantize == "nf4" else task.params
+    model_config = getattr(task.model, "config", None)
+    if cfg is None:  # frozen: only the new head trains; full: every top-level module (encoder and head) trains
+        if name == "frozen" and task.kind == "sft":
+            raise ValueError("--method frozen trains only a classifier head; an LM (--task sft) has none")
+        return jgoat.mark_trainable(params, ["classifier"] if name == "frozen" else sorted(params))
+    if isinstance(cfg, jgoat.PromptTuningConfig):
+        return jgoat.add_prompt(params, cfg, key=key, tokenizer=task.tokenizer, model=task.model)
+    if isinstance(cfg, jgoat.PrefixTuningConfig):
+        return jgoat.add_prefix(params, model_config, cfg, key=key, model=task.model)
+    if isinstance(cfg, jgoat.BottleneckConfig):
+        tree = jgoat.add_bottleneck(params, model_config, cfg, key=key, model=task.model)
+        return jgoat.mark_trainable(tree, task.modules_to_save) if task.modules_to_save else tree
+    if isinstance(cfg, jgoat.GoraConfig):
+        ckpt = out / "checkpoints"
+        if args.resume and jgoat.latest_step(ckpt) is not None:  # the allocated ranks are in the checkpoint
+            return jgoat.gora_wrap(params, cfg, key=key, ranks=jgoat.gora_ranks(ckpt))
+        # Ḡ over the first --gora-batches training batches, of the full-precision base even under --quantize nf4
+        batches = (task.train.batch(data_lib.batch_indices(len(task.train), args.batch_size, args.seed, i))
+                   for i in range(args.gora_batches))
+        grads = jgoat.gora_gradients(task.params, functools.partial(tasks.loss, task.kind, task.model, rng=None),
+                                     batches, targets=cfg, n_batches=args.gora_batches)
+        return jgoat.gora_wrap(params, cfg, grads, key=key)
+    tree = jgoat.wrap(params, cfg, key=key)
+    if name == "lori_s":  # LoRI-S: the LoRI-D run's global magnitude mask, B restarted from 0 under it
+        dense_ckpt = out.parent / "lori" / "checkpoints"
+        if jgoat.latest_step(dense_ckpt) is None:
+            raise FileNotFoundError(f"lori_s needs the LoRI-D run's checkpoints in {dense_ckpt}")
+        dense = jgoat.restore(dense_ckpt, tree)[0]
+        tree = jgoat.lori_sparse(dense, jgoat.lori_masks(dense, cfg.sparsity))
+    return tree
+
+
+def export_adapter(tree, cfg: Any, out: pathlib.Path, model_dir: str | None) -> str:
+    """Write the final adapter (PEFT for the LoRA family, KaSA, GoRA, IA³; jgoat's GOAT format for GOAT / MoLoRA)."""
+    if isinstance(cfg, jgoat.LoraConfig | jgoat.KasaConfig | jgoat.GoraConfig | jgoat.IA3Config):
         jgoat.export_peft(tree, cfg, out / "adapter", torch_name=tasks.torch_module_name,
                           base_model_name_or_path=model_dir)
         return f"PEFT adapter: {out / 'adapter'} (peft.PeftModel.from_pretrained(hf_model, that folder))"
@@ -225,6 +316,9 @@ def export_adapter(tree, cfg: AdapterConfig | None, out: pathlib.Path, model_dir
         jgoat.export_goat(tree, cfg, out / "adapter_goat", fingerprint=jgoat.fingerprint(tree))
         return (f"GOAT / MoLoRA is not a PEFT adapter type: wrote jgoat's GOAT format to {out / 'adapter_goat'} "
                 "(jgoat.import_goat)")
+    if cfg is not None:
+        return (f"no PEFT export for {type(cfg).__name__} in jgoat: the checkpoints in {out / 'checkpoints'} hold the "
+                "adapter (jgoat.restore)")
     return "no adapter to export (frozen base / full fine-tuning): the checkpoints hold the trained weights"
 
 
@@ -239,13 +333,7 @@ def run(args, name: str, cfg: AdapterConfig | None, task: tasks.Task, lr: float)
     out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
-    if cfg is not None:
-        wrapped = jgoat.wrap(task.params, cfg, key=key)
-    elif name == "frozen" and task.kind == "sft":
-        raise ValueError("--method frozen trains only a classifier head; an LM (--task sft) has none")
-    else:  # frozen: only the new head trains; full: every top-level module (encoder and head) trains
-        wrapped = jgoat.mark_trainable(task.params, ["classifier"] if name == "frozen" else sorted(task.params))
-    trainable, frozen = jgoat.split(wrapped)
+    trainable, frozen = jgoat.split(attach(task, cfg, name, key, args, out))
     trainable = _as_float32(trainable)
     n = len(task.train)
     steps, per_epoch = total_steps(args, n)
@@ -352,8 +440,21 @@ def load_task(args: argparse.Namespace) -> tasks.Task:
     return loader(args, model_dir=args.model, dtype=dtype, key=key)
 
 
+def check_method(args: argparse.Namespace, task: tasks.Task) -> Any:
+    """The method's config for this task, or a clear error before anything trains."""
+    if args.quantize == "nf4" and args.method == "full":
+        raise ValueError("--quantize nf4 stores the base in NF4, which cannot be fully fine-tuned: drop one of them")
+    hook = {"prompt": "prompt", "prefix": "prefix", "houlsby": "bottleneck", "pfeiffer": "bottleneck"}.get(args.method)
+    if hook is not None:
+        from jgoat.adapters.prompt import require_hooks
+
+        require_hooks(task.params, hook, task.model)
+    return method_config(args, getattr(getattr(task.model, "config", None), "model_type", None))
+
+
 def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     task = load_task(args)
+    cfg = check_method(args, task)
     labels = f", labels {task.label_names}" if task.label_names else ""
     print(f"data: {task.source}: {len(task.train)} train / {len(task.eval)} eval{labels}")
     results = []
@@ -364,8 +465,10 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "seconds": time.perf_counter() - t0})
     elif args.baseline and args.method != "frozen":
         results.append(run(args, "frozen", None, task, args.head_lr))
+    if args.method == "lori_s":  # LoRI-D first; LoRI-S trains under its mask at 10x the lr (the paper's recipe)
+        results.append(run(args, "lori", cfg, task, args.lr))
     name = args.method if args.method != "goat" or args.scaling == "theory" else "goat_alpha"
-    results.append(run(args, name, method_config(args), task, args.lr))
+    results.append(run(args, name, cfg, task, 10 * args.lr if args.method == "lori_s" else args.lr))
     print(results[-1]["summary"])
     metric = "eval_loss" if task.kind == "sft" else "test_accuracy"
     print(f"\n{'method':<10}{metric.replace('_', ' '):>15}{'seconds':>10}")

@@ -72,6 +72,7 @@ class Task:
     label_names: tuple[str, ...]  # () for sft
     source: str
     model_dir: str | None = None  # recorded in exported adapters
+    tokenizer: Any = None  # for prompt tuning's text init (sft)
 
     @property
     def modules_to_save(self) -> tuple[str, ...]:
@@ -91,13 +92,17 @@ def forward(task_kind: str, model, params, batch, rng, *, aux_count_padding: boo
 
 
 def loss(task_kind: str, model, params, batch, rng, *, aux_count_padding: bool = False):
-    """(mean task loss, aux): cross-entropy over examples, or over response tokens for sft."""
+    """(mean task loss + the adapters' regulariser (KaSA's; 0 for other methods), aux): cross-entropy over examples,
+    or over response tokens for sft."""
     logits, aux = forward(task_kind, model, params, batch, rng, aux_count_padding=aux_count_padding)
     if task_kind == "sft":
         from jgoat.models import causal_lm_loss
 
-        return causal_lm_loss(logits, batch["labels"]), aux
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])), aux
+        task_loss = causal_lm_loss(logits, batch["labels"])
+    else:
+        labels = batch["labels"]
+        task_loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+    return task_loss + jgoat.regularizer(params), aux
 
 
 def weight(task_kind: str, batch) -> jax.Array:
@@ -194,7 +199,7 @@ def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
               messages_column=opts.messages_column, use_chat_template=opts.chat_template)
     splits = [ArraySplit(data_lib.sft_arrays(tokenizer, ds, **kw)) for ds in (train, held_out)]
     model, params, _ = from_pretrained(model_dir, dtype=dtype, remat_policy=opts.remat)
-    return Task("sft", model, params, splits[0], splits[1], (), opts.data, model_dir)
+    return Task("sft", model, params, splits[0], splits[1], (), opts.data, model_dir, tokenizer)
 
 
 def load_image(opts, *, model_dir: str, dtype, key) -> Task:

@@ -33,8 +33,12 @@ def tiny_setup(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(tok_dir / name, root / "model" / name)
     with open(corpus, encoding="latin-1") as src, open(root / "data.csv", "w", encoding="latin-1", newline="") as dst:
-        rows = list(csv.reader(src))[:301]
-        csv.writer(dst).writerows(rows)
+        header, *rows = csv.reader(src)
+        label = header.index("sentiment")
+        # the first 100 rows of each label, in corpus order (the corpus' first 300 rows are all negative)
+        keep = {i for name in ("negative", "neutral", "positive")
+                for i in [j for j, r in enumerate(rows) if r[label] == name][:100]}
+        csv.writer(dst).writerows([header, *(r for i, r in enumerate(rows) if i in keep)])
     return root
 
 
@@ -88,3 +92,27 @@ def test_train_outputs_and_sigkill_resume_is_exact(tiny_setup, tmp_path):
         np.testing.assert_array_equal(a[name], b[name])
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "goat" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b if "task_loss" in r] == list(range(1, 13))
+
+
+HEAD = 32 * 3 + 3  # the new classifier: hidden 32 -> 3 labels
+
+
+@pytest.mark.parametrize("method, rows", [
+    # peft's BERT defaults: vectors on key, value (out 32) and on the input of both output/dense layers
+    # (attention's, in 32; the FFN's, in 64), 2 layers
+    ("ia3", {"ia3": ["8", "320", "320"], "modules_to_save": [f"{HEAD}", f"{HEAD}"]}),
+    # Houlsby: two adapters per layer, 32 -> 8 -> 32 with biases; listed with the head under modules_to_save
+    ("houlsby", {"modules_to_save": [f"{2 * 2 * (32 * 8 + 8 + 8 * 32 + 32) + HEAD:,}"] * 2}),
+])
+def test_classify_cli_ia3_and_bottleneck_on_bert(tiny_setup, tmp_path, method, rows):
+    from jgoat import cli
+
+    argv = ["train", "--model", str(tiny_setup / "model"), "--data", str(tiny_setup / "data.csv"), "--out",
+            str(tmp_path), "--steps", "3", "--batch-size", "8", "--max-length", "16", "--test-size", "40",
+            "--method", method, "--reduction-factor", "4", "--no-baseline"]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / method / "result.json").read_text())["summary"]
+    table = {line.split()[0]: line.split()[1:] for line in summary.splitlines()[1:-1]}
+    torch_model = transformers.BertForSequenceClassification.from_pretrained(tiny_setup / "model")
+    base = sum(p.numel() for p in torch_model.parameters()) - HEAD  # counted by torch, not by jgoat
+    assert table == {"base": ["0", f"{base:,}"], **rows}  # family: [modules,] trainable, total

@@ -230,6 +230,137 @@ def test_sft_sigkill_resume_with_grad_accum_and_epochs_is_exact(llama_dir, tmp_p
     assert [r["step"] for r in rows_b if "task_loss" in r] == list(range(1, 13))
 
 
+def sft_cli(llama_dir, out, *extra):
+    """A short `jgoat train --task sft` run on the tiny Llama (4 steps, no baseline); returns <out>."""
+    assert cli.main(["train", "--task", "sft", "--model", str(llama_dir / "model"), "--data",
+                     str(llama_dir / "train.jsonl"), "--out", str(out), "--steps", "4", "--batch-size", "8",
+                     "--max-length", "16", "--test-size", "8", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
+                     "--no-baseline", *extra]) == 0
+    return out
+
+
+def final_tree(run_dir, template):
+    tree, _, record = jgoat.restore(run_dir / "checkpoints", template)
+    return tree, record
+
+
+def base_logits_and_ids(llama_dir):
+    from jgoat.models import from_pretrained
+
+    model, params, config = from_pretrained(llama_dir / "model")
+    return model, params, config, np.asarray([[1, 4, 7, 8, 12, 2, 5, 13, 9]], np.int32)
+
+
+@pytest.mark.parametrize("method, cfg", [
+    ("kasa", jgoat.KasaConfig(rank=4, alpha=8)),
+    ("ia3", jgoat.IA3Config()),  # --targets not given: peft's Llama defaults (k_proj, v_proj, down_proj)
+])
+def test_sft_cli_kasa_ia3_train_and_export_to_peft(llama_dir, tmp_path, method, cfg):
+    peft = pytest.importorskip("peft")
+    run_dir = sft_cli(llama_dir, tmp_path, "--method", method) / method
+    model, params, _, ids = base_logits_and_ids(llama_dir)
+    initial = jgoat.wrap(params, cfg, key=jax.random.key(0))
+    final, record = final_tree(run_dir, initial)
+    assert record["step"] == 4
+    changed = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(jgoat.split(final)[0]), jax.tree.leaves(jgoat.split(initial)[0]),
+                               strict=True)]
+    assert min(changed) > 0  # every trainable leaf moved (KaSA's A, B, Δ; every IA³ vector)
+    ours = np.asarray(jgoat.apply(model.apply)({"params": final}, ids)[0].logits)
+    torch_base = transformers.LlamaForCausalLM.from_pretrained(llama_dir / "model").eval()
+    peft_model = peft.PeftModel.from_pretrained(torch_base, str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)  # fp32 on both sides; same bound as the LoRA export test
+
+
+def test_sft_cli_gora_allocates_ranks_and_resumes_from_them(llama_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    run_dir = sft_cli(llama_dir, tmp_path, "--method", "gora", "--gora-batches", "2") / "gora"
+    ranks = jgoat.gora_ranks(run_dir / "checkpoints")
+    assert ranks and all(2 <= int(r.min()) and int(r.max()) <= 16 for r in ranks.values())  # r_ref 4: [2, 16]
+    first = json.loads((run_dir / "result.json").read_text())
+    # --resume at the final step rebuilds the GoRA shapes from the checkpoint's ranks (no gradient pass) and
+    # evaluates the restored adapters: the same eval loss, bit for bit.
+    sft_cli(llama_dir, tmp_path, "--method", "gora", "--gora-batches", "2", "--resume")
+    assert json.loads((run_dir / "result.json").read_text())["eval_loss"] == first["eval_loss"]
+    model, params, _, ids = base_logits_and_ids(llama_dir)
+    cfg = jgoat.GoraConfig(r_ref=4, r_min=2, r_max=16, alpha=8.0)
+    final, _ = final_tree(run_dir, jgoat.gora_wrap(params, cfg, key=jax.random.key(0), ranks=ranks))
+    ours = np.asarray(jgoat.apply(model.apply)({"params": final}, ids)[0].logits)
+    torch_base = transformers.LlamaForCausalLM.from_pretrained(llama_dir / "model").eval()
+    peft_model = peft.PeftModel.from_pretrained(torch_base, str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_sft_cli_lori_s_runs_lori_d_then_trains_under_its_mask(llama_dir, tmp_path):
+    sft_cli(llama_dir, tmp_path, "--method", "lori_s", "--lori-sparsity", "0.5")
+    _, params, _, _ = base_logits_and_ids(llama_dir)
+    cfg = jgoat.LoriConfig(rank=4, alpha=8, sparsity=0.5)
+    dense, _ = final_tree(tmp_path / "lori", jgoat.wrap(params, cfg, key=jax.random.key(0)))
+    masks = jgoat.lori_masks(dense, 0.5)
+    sparse, _ = final_tree(tmp_path / "lori_s", jgoat.lori_sparse(dense, masks))
+    for path, mask in masks.items():
+        node = _at(sparse, path)
+        b = np.asarray(node["jgoat"].B)
+        assert np.all(b[~np.asarray(mask)] == 0.0) and np.abs(b[np.asarray(mask)]).max() > 0
+        np.testing.assert_array_equal(np.asarray(node["jgoat"].A), np.asarray(_at(dense, path)["jgoat"].A))
+    lrs = {name: max(json.loads(line).get("lr", 0) for line in (tmp_path / name / "metrics.jsonl").open())
+           for name in ("lori", "lori_s")}
+    np.testing.assert_allclose(lrs["lori_s"], 10 * lrs["lori"], rtol=1e-6)  # the paper's 10x lr for LoRI-S
+
+
+def _at(tree, path):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("prompt", ("--virtual-tokens", "3", "--prompt-init", "text", "--prompt-init-text", "next after")),
+    ("prefix", ("--virtual-tokens", "3", "--prefix-projection")),
+    ("pfeiffer", ("--reduction-factor", "8")),
+])
+def test_sft_cli_graph_methods_train_only_their_leaves(llama_dir, tmp_path, method, extra):
+    run_dir = sft_cli(llama_dir, tmp_path, "--method", method, *extra) / method
+    _, params, config, _ = base_logits_and_ids(llama_dir)
+    key = jax.random.key(0)
+    template = {"prompt": lambda: jgoat.add_prompt(params, jgoat.PromptTuningConfig(3), key=key),
+                "prefix": lambda: jgoat.add_prefix(params, config, jgoat.PrefixTuningConfig(3, prefix_projection=True),
+                                                   key=key),
+                "pfeiffer": lambda: jgoat.add_bottleneck(params, config, jgoat.BottleneckConfig(8, "pfeiffer"),
+                                                         key=key)}[method]()
+    final, record = final_tree(run_dir, template)
+    assert record["step"] == 4
+    trained, frozen = jgoat.split(final)
+    assert jax.tree.leaves(trained) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trained))
+    base_frozen = jgoat.split(template)[1]
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base_frozen), strict=True):  # the base is untouched
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(rows[-1]["eval/loss"])
+
+
+def test_sft_cli_qlora_nf4_base_and_method_errors(llama_dir, tmp_path):
+    run_dir = sft_cli(llama_dir, tmp_path / "q", "--method", "lora", "--quantize", "nf4") / "lora"
+    _, params, _, _ = base_logits_and_ids(llama_dir)
+    template = jgoat.wrap(jgoat.quantize_nf4(params), jgoat.LoraConfig(rank=4, alpha=8), key=jax.random.key(0))
+    final, _ = final_tree(run_dir, template)
+    kernels = [x for x in jax.tree.leaves(final, is_leaf=lambda v: isinstance(v, jgoat.NF4Kernel))
+               if isinstance(x, jgoat.NF4Kernel)]
+    assert len(kernels) == 7  # the 7 linears of the (scanned) decoder; lm_head stays full precision
+    for method, extra, message in (("full", ("--quantize", "nf4"), "cannot be fully fine-tuned"),
+                                   ("frozen", (), "has none"),
+                                   ("ia3", ("--targets", "q_proj"), None)):
+        if message is None:  # explicit targets without --feedforward: every target is scaled on its output
+            sft_cli(llama_dir, tmp_path / method, "--method", method, *extra)
+            continue
+        with pytest.raises(ValueError, match=message):
+            sft_cli(llama_dir, tmp_path / method, "--method", method, *extra)
+
+
 def test_image_cli_trains_head_and_goat_with_outputs(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("PIL")
