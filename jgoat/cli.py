@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 import jgoat
 from jgoat import data as data_lib
 from jgoat import tasks
-from jgoat.adapters.base import AdapterConfig
 from jgoat.plots import plot_results, plot_run
 from jgoat.tensorboard import write_scalars
 from jgoat.train import accumulate_step, cosine_schedule
@@ -322,13 +321,13 @@ def export_adapter(tree, cfg: Any, out: pathlib.Path, model_dir: str | None) -> 
     return "no adapter to export (frozen base / full fine-tuning): the checkpoints hold the trained weights"
 
 
-def fit(args, name: str, cfg: AdapterConfig | None, model, params, data: data_lib.TextClassificationData,
+def fit(args, name: str, cfg: Any, model, params, data: data_lib.TextClassificationData,
         lr: float) -> dict[str, Any]:
     """Train one method on tokenised text-classification data (the embedded default; used by bench_quality)."""
     return run(args, name, cfg, tasks.classify_task(model, params, data), lr)
 
 
-def run(args, name: str, cfg: AdapterConfig | None, task: tasks.Task, lr: float) -> dict[str, Any]:
+def run(args, name: str, cfg: Any, task: tasks.Task, lr: float) -> dict[str, Any]:
     """Train one method; checkpoints under <out>/<name>/checkpoints, metrics in <out>/<name>/metrics.jsonl."""
     out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
