@@ -38,6 +38,9 @@ from jgoat.train import accumulate_step, cosine_schedule
 
 METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "kasa", "gora", "lori", "lori_s",
            "ia3", "prompt", "prefix", "houlsby", "pfeiffer", "frozen", "full")
+# the methods `jgoat estimate-memory` plans (the ones `jgoat.wrap` adds, and full fine-tuning)
+ESTIMATE_METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "kasa", "lori", "ia3",
+                    "full")
 # peft's (IA)³ targets and feed-forward modules per model type (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING), as jgoat paths
 IA3_DEFAULTS = {
     "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
@@ -181,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "eval (sft)")
     m = sub.add_parser("estimate-memory", help="peak training memory of a decoder LM step (XLA, nothing allocated)")
     m.add_argument("--config", default="llama-2-7b", help="a HF config.json (llama/mistral/qwen2) or 'llama-2-7b'")
-    m.add_argument("--method", default="goat", choices=("goat", "molora", "lora", "rslora", "dora", "full"))
-    m.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", type=_targets)
+    m.add_argument("--method", default="goat", choices=ESTIMATE_METHODS)
+    m.add_argument("--targets", default=None, type=_targets,
+                   help="default: every linear layer but lm_head (ia3: peft's defaults for the model type)")
+    m.add_argument("--quantize", default="none", choices=("none", "nf4"), help="nf4: QLoRA base")
     m.add_argument("--rank", type=int, default=8)
     m.add_argument("--experts", type=int, default=8)
     m.add_argument("--top-k", type=int, default=2)
@@ -246,10 +251,12 @@ def estimate_memory(args: argparse.Namespace):
         model_config = llama2_7b(**overrides)
     else:
         model_config = LlamaConfig.from_hf_dict(json.loads(pathlib.Path(args.config).read_text()), **overrides)
-    adapter = None if args.method == "full" else method_config(argparse.Namespace(
-        **vars(args), alpha=2.0 * args.rank, adapter_dropout=0.0, scaling="theory", goat_init="goat", eta=1.0,
-        rho=10.0))
-    estimate = estimate_llama_training(model_config, adapter, batch_size=args.batch_size, seq_len=args.seq_len)
+    # every other knob at `jgoat train`'s default for a decoder; alpha = 2 r as in the published configs
+    knobs = {**vars(build_parser().parse_args(["train", "--task", "sft"])), **vars(args), "command": "train",
+             "alpha": 2.0 * args.rank}
+    adapter = method_config(argparse.Namespace(**knobs), model_config.model_type)
+    estimate = estimate_llama_training(model_config, adapter, batch_size=args.batch_size, seq_len=args.seq_len,
+                                       quantize=args.quantize == "nf4")
     print("| method | trainable | arguments GiB | temporaries GiB | peak GiB | TFLOP/step |\n|---|---|---|---|---|---|")
     print(estimate.row(args.method))
     return estimate

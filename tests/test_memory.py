@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jgoat
 from jgoat.memory import estimate_llama_training
@@ -75,3 +76,34 @@ def test_moe_full_ft_plan_holds_params_and_adam_moments():
     # fp32 params + AdamW mu + nu, the step and Adam counters (int32), ids/mask/labels [2, 16] int32 (jit drops the
     # unused dropout key).
     assert moe.argument_bytes == 3 * 4 * n + 2 * 4 + 3 * 2 * 16 * 4
+
+
+def test_estimate_memory_command_plans_every_wrap_method(tmp_path, capsys):
+    """`jgoat estimate-memory` on a config.json: the row printed is the Python function's estimate of the same step."""
+    import json
+
+    from jgoat import cli
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4}))
+    common = ["--config", str(config), "--rank", "4", "--batch-size", "1", "--seq-len", "8", "--dtype", "float32"]
+    model_config = LlamaConfig.from_hf_dict(json.loads(config.read_text()), remat_policy="full")
+    expected = {  # what the CLI must build: --targets default is every linear but lm_head; ia3 uses peft's Llama set
+        "lora": jgoat.LoraConfig(rank=4, alpha=8.0),
+        "ia3": jgoat.IA3Config(targets=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",)),
+        "kasa": jgoat.KasaConfig(rank=4, alpha=8.0),
+    }
+    for method, cfg in expected.items():
+        estimate = cli.estimate_memory(cli.build_parser().parse_args(["estimate-memory", "--method", method, *common]))
+        want = estimate_llama_training(model_config, cfg, batch_size=1, seq_len=8)
+        assert (estimate.trainable_params, estimate.argument_bytes) == (want.trainable_params, want.argument_bytes)
+        assert f"| {method} | {want.trainable_params / 1e6:,.1f} M | {want.argument_bytes / 2**30:.2f} |" in \
+            capsys.readouterr().out
+    lora = cli.estimate_memory(cli.build_parser().parse_args(["estimate-memory", "--method", "lora", *common]))
+    qlora = cli.estimate_memory(cli.build_parser().parse_args(["estimate-memory", "--method", "lora", "--quantize",
+                                                               "nf4", *common]))
+    assert qlora.trainable_params == lora.trainable_params and qlora.argument_bytes < lora.argument_bytes
+    with pytest.raises(ValueError, match="needs an adapter"):
+        cli.estimate_memory(cli.build_parser().parse_args(["estimate-memory", "--method", "full", "--quantize", "nf4",
+                                                           *common]))
