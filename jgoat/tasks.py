@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import jgoat
 from jgoat import data as data_lib
@@ -141,7 +142,9 @@ def evaluate(task: Task, params, batch_size: int) -> tuple[dict[str, float], dic
     """
     total = np.zeros(3)
     loads = []
-    for start in range(0, len(task.eval), batch_size):
+    starts = range(0, len(task.eval), batch_size)
+    bar = tqdm(starts, desc="    eval", leave=False, dynamic_ncols=True, disable=None if len(starts) > 1 else True)
+    for start in bar:  # disable=None: shown on a terminal only
         batch = task.eval.batch(np.arange(start, min(start + batch_size, len(task.eval))))
         *values, load = _eval_sums(task.kind, task.model, params, batch)
         total += [float(v) for v in values]
