@@ -325,9 +325,13 @@ def _at(tree, path):
 ])
 def test_sft_cli_graph_methods_train_only_their_leaves(llama_dir, tmp_path, method, extra):
     run_dir = sft_cli(llama_dir, tmp_path, "--method", method, *extra) / method
+    from jgoat.models import load_tokenizer
+
     _, params, config, _ = base_logits_and_ids(llama_dir)
-    key = jax.random.key(0)
-    template = {"prompt": lambda: jgoat.add_prompt(params, jgoat.PromptTuningConfig(3), key=key),
+    key = jax.random.key(0)  # the CLI's key for --seed 0: the templates are the runs' exact initial states
+    prompt = jgoat.PromptTuningConfig(3, init="text", init_text="next after")
+    template = {"prompt": lambda: jgoat.add_prompt(params, prompt, key=key,
+                                                   tokenizer=load_tokenizer(llama_dir / "model")),
                 "prefix": lambda: jgoat.add_prefix(params, config, jgoat.PrefixTuningConfig(3, prefix_projection=True),
                                                    key=key),
                 "pfeiffer": lambda: jgoat.add_bottleneck(params, config, jgoat.BottleneckConfig(8, "pfeiffer"),
@@ -335,8 +339,9 @@ def test_sft_cli_graph_methods_train_only_their_leaves(llama_dir, tmp_path, meth
     final, record = final_tree(run_dir, template)
     assert record["step"] == 4
     trained, frozen = jgoat.split(final)
-    assert jax.tree.leaves(trained) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trained))
-    base_frozen = jgoat.split(template)[1]
+    initial, base_frozen = jgoat.split(template)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(initial), strict=True):  # every trainable leaf moved
+        assert np.isfinite(np.asarray(a)).all() and np.abs(np.asarray(a) - np.asarray(b)).max() > 0
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base_frozen), strict=True):  # the base is untouched
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
