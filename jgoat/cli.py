@@ -283,8 +283,6 @@ def attach(task: tasks.Task, cfg: Any, name: str, key: jax.Array, args: argparse
     params = jgoat.quantize_nf4(task.params) if args.quantize == "nf4" else task.params
     model_config = getattr(task.model, "config", None)
     if cfg is None:  # frozen: only the new head trains; full: every top-level module (encoder and head) trains
-        if name == "frozen" and task.kind == "sft":
-            raise ValueError("--method frozen trains only a classifier head; an LM (--task sft) has none")
         return jgoat.mark_trainable(params, ["classifier"] if name == "frozen" else sorted(params))
     if isinstance(cfg, jgoat.PromptTuningConfig):
         return jgoat.add_prompt(params, cfg, key=key, tokenizer=task.tokenizer, model=task.model)
@@ -456,6 +454,8 @@ def load_task(args: argparse.Namespace) -> tasks.Task:
 
 def check_method(args: argparse.Namespace, task: tasks.Task) -> Any:
     """The method's config for this task, or a clear error before anything trains."""
+    if args.method == "frozen" and task.kind == "sft":
+        raise ValueError("--method frozen trains only a classifier head; an LM (--task sft) has none")
     if args.quantize == "nf4" and args.method == "full":
         raise ValueError("--quantize nf4 stores the base in NF4, which cannot be fully fine-tuned: drop one of them")
     hook = {"prompt": "prompt", "prefix": "prefix", "houlsby": "bottleneck", "pfeiffer": "bottleneck"}.get(args.method)
