@@ -170,7 +170,6 @@ class GoraAdapter(AdditiveMerge):
         return y_TxO + delta.astype(y_TxO.dtype), None
 
 
-
 # --------------------------------------------------------------------------------------------------- per-layer init
 
 

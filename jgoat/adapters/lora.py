@@ -105,7 +105,6 @@ class LoraAdapter(AdditiveMerge):
         return y_TxO + delta.astype(y_TxO.dtype), None
 
 
-
 def offset(adapter, x_TxI: Array) -> Array:
     """x · res_A · res_B, the frozen low-rank part subtracted from the base (0 when the base is unchanged)."""
     if adapter.res_A is None:

@@ -112,7 +112,6 @@ class LoriAdapter(AdditiveMerge):
         return y_TxO + delta.astype(y_TxO.dtype), None
 
 
-
 def init(cfg: LoriConfig, kernel_IxO: Array, key: Array) -> LoriAdapter:
     """LoRI-D: A ~ U(±1/√in) (torch's kaiming_uniform_(a=√5), frozen), B = 0."""
     n_in, n_out = kernel_IxO.shape
