@@ -79,6 +79,15 @@ def test_prompt_masked_loss_equals_torch_on_response_tokens(llama_dir):
     # Without the masking (loss on every real token), the value would differ: the test can tell them apart.
     unmasked = {**arrays, "labels": np.where(arrays["mask"] == 1, arrays["ids"], -100)}
     assert abs(float(tasks.loss("sft", model, params, unmasked, None)[0]) - nll / count) > 1e-3
+    # KaSA's regulariser is part of the training loss (the plain base has none: the loss above is the NLL alone).
+    from jgoat.models import causal_lm_loss
+
+    kasa = jgoat.wrap(params, jgoat.KasaConfig(rank=4, alpha=8), key=jax.random.key(0))
+    reg = float(jgoat.regularizer(kasa))
+    logits = jgoat.apply(model.apply)({"params": kasa}, arrays["ids"], arrays["mask"])[0].logits
+    assert reg > 1e-3  # B = 0 at init: γ·‖BBᵀ − I‖_F = 1e-3 · √4 per layer and module alone
+    np.testing.assert_allclose(float(tasks.loss("sft", model, kasa, arrays, None)[0]),
+                               float(causal_lm_loss(logits, arrays["labels"])) + reg, rtol=1e-6)
 
 
 def test_chat_messages_train_only_assistant_turns(llama_dir):
