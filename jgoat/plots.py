@@ -71,12 +71,17 @@ def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None 
 
 
 def plot_results(out_dir: str | pathlib.Path, results: Sequence[Mapping]) -> pathlib.Path:
-    """accuracy.png: test accuracy per method."""
+    """accuracy.png: test accuracy per method, one horizontal bar each (± the "std" key as an error bar, if given)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 * len(results) + 2, 3))
-    ax.bar([r["method"] for r in results], [r["test_accuracy"] for r in results])
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(results) + 1.2))
+    names = [r["method"] for r in results][::-1]  # first result on top
+    values = [r["test_accuracy"] for r in results][::-1]
+    errors = [r.get("std", 0.0) for r in results][::-1]
+    ax.barh(names, values, xerr=errors if any(errors) else None, capsize=3)
+    for y, (value, error) in enumerate(zip(values, errors, strict=True)):
+        ax.text(value + error + 0.01, y, f"{value:.3f}", va="center", fontsize=8)
+    ax.set_xlabel("test accuracy")
+    ax.set_xlim(0, 1)
     fig.tight_layout()
     path = pathlib.Path(out_dir) / "accuracy.png"
     fig.savefig(path, dpi=110)

@@ -91,7 +91,7 @@ def main() -> None:
             lr = next(r["lr"] for r in rows if r["method"] == name)
             std = np.std(acc, ddof=1) if len(acc) > 1 else 0.0
             lines.append(f"| {name} | {lr:g} | {np.mean(acc):.4f} ± {std:.4f} | {len(acc)} | {sec:.0f} |")
-            summary.append({"method": name, "test_accuracy": float(np.mean(acc))})
+            summary.append({"method": name, "test_accuracy": float(np.mean(acc)), "std": float(std)})
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     from jgoat.plots import plot_results
