@@ -409,6 +409,34 @@ def test_image_cli_trains_head_and_goat_with_outputs(tmp_path):
     assert tb_scalars(out / "goat" / "tensorboard")["eval/accuracy"][-1] == (8, 1.0)
 
 
+def test_every_cli_method_builds_the_config_its_knobs_describe():
+    def config(*argv, model_type=None):
+        return cli.method_config(cli.build_parser().parse_args(["train", "--task", "sft", *argv]), model_type)
+
+    knobs = ("--rank", "8", "--alpha", "16")
+    assert config("--method", "kasa", *knobs, "--kasa-beta", "0.5", "--kasa-gamma", "0.25") == \
+        jgoat.KasaConfig(rank=8, alpha=16.0, beta=0.5, gamma=0.25)
+    assert config("--method", "gora", *knobs, "--gora-lr-init", "0.1", "--targets", "q_proj,v_proj") == \
+        jgoat.GoraConfig(r_ref=8, r_min=4, r_max=32, alpha=16.0, lr_init=0.1, targets=("q_proj", "v_proj"))
+    for method in ("lori", "lori_s"):
+        assert config("--method", method, *knobs, "--lori-sparsity", "0.8") == \
+            jgoat.LoriConfig(rank=8, alpha=16.0, sparsity=0.8)
+    assert config("--method", "ia3", model_type="qwen2") == \
+        jgoat.IA3Config(targets=("q_proj", "v_proj", "down_proj"), feedforward=("down_proj",))
+    assert config("--method", "ia3", "--targets", "query,value,dense", "--feedforward", "dense") == \
+        jgoat.IA3Config(targets=("query", "value", "dense"), feedforward=("dense",))
+    with pytest.raises(ValueError, match="no default targets for model type 'vit'"):
+        config("--method", "ia3", model_type="vit")
+    assert config("--method", "prompt", "--virtual-tokens", "7", "--prompt-init", "sample_vocab") == \
+        jgoat.PromptTuningConfig(7, init="sample_vocab")
+    assert config("--method", "prefix", "--virtual-tokens", "5", "--prefix-projection") == \
+        jgoat.PrefixTuningConfig(5, prefix_projection=True)
+    assert config("--method", "pfeiffer", "--reduction-factor", "4") == jgoat.BottleneckConfig(4, "pfeiffer")
+    assert config("--method", "houlsby") == jgoat.BottleneckConfig(16, "houlsby")
+    assert config("--method", "dora", *knobs) == jgoat.LoraConfig(rank=8, alpha=16.0, use_dora=True)
+    assert config("--method", "full") is None and config("--method", "frozen") is None
+
+
 def test_dtype_auto_is_bfloat16_on_accelerators_only(monkeypatch):
     import jax.numpy as jnp
 
