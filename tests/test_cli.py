@@ -116,3 +116,14 @@ def test_classify_cli_ia3_and_bottleneck_on_bert(tiny_setup, tmp_path, method, r
     torch_model = transformers.BertForSequenceClassification.from_pretrained(tiny_setup / "model")
     base = sum(p.numel() for p in torch_model.parameters()) - HEAD  # counted by torch, not by jgoat
     assert table == {"base": ["0", f"{base:,}"], **rows}  # family: [modules,] trainable, total
+
+
+def test_classify_cli_refuses_decoder_only_methods_before_training(tiny_setup, tmp_path):
+    from jgoat import cli
+
+    argv = ["train", "--model", str(tiny_setup / "model"), "--data", str(tiny_setup / "data.csv"), "--out",
+            str(tmp_path), "--steps", "3", "--max-length", "16", "--test-size", "40"]
+    for method in ("prompt", "prefix"):  # BERT has no prompt/prefix hook points: refused before the baseline trains
+        with pytest.raises(ValueError, match=f"no '{method}' hook point"):
+            cli.main([*argv, "--method", method])
+    assert not (tmp_path / "frozen").exists()
