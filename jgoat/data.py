@@ -254,6 +254,17 @@ def _check_parquet(path: pathlib.Path) -> None:
         raise DataError(f"{path}: not a parquet file (no PAR1 magic at its start and end)")
 
 
+def _check_csv_rows(path: pathlib.Path, encoding: str, delimiter: str) -> None:
+    """At least one row after the header (`datasets` fails on a header-only file with an obscure message)."""
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            rows = [row for _, row in zip(range(2), filter(None, csv.reader(f, delimiter=delimiter)), strict=False)]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: cannot be decoded as {encoding} ({err.reason})") from None
+    if len(rows) < 2:
+        raise DataError(f"{path}: no examples (a header and no rows)")
+
+
 def _root_cause(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
@@ -283,6 +294,10 @@ def _load_image_folder(path: pathlib.Path, split: str, skip_bad_images: bool):
         raise DataError(f"{bad[0][0]}: not a readable image ({bad[0][1]}); {len(bad)} unreadable image(s) under "
                         f"{path}: fix or remove them, or skip them (skip_bad_images)")
     table = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    folders = sorted({f.parent.name for f in path.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES})
+    if "label" not in table.column_names and len(folders) == 1 and folders[0] != path.name:
+        raise DataError(f"{path}: one class folder ({folders[0]!r}): a classifier needs examples of at least two "
+                        "classes")
     if bad:
         skipped = {str(f.resolve()) for f, _ in bad}
         files = table.cast_column("image", datasets.Image(decode=False))["image"]
@@ -323,6 +338,7 @@ def load_table(source: str, split: str = "train", *, encoding: str | None = None
                 kwargs = {"encoding": text_encoding(path, encoding)}
                 if suffix == ".tsv":
                     kwargs["delimiter"] = "\t"
+                _check_csv_rows(path, kwargs["encoding"], kwargs.get("delimiter", ","))
             table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         elif path.is_dir() and not any(path.glob("*.py")) and _is_image_folder(path):
             table = _load_image_folder(path, split, skip_bad_images)

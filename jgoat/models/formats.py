@@ -124,6 +124,25 @@ def _read_exact(f, offset: int, out: np.ndarray) -> None:
         done += n
 
 
+class _Forward:
+    """A compressed zip member's stream for :func:`_read_exact`: a forward seek inflates and drops 1 MiB at a time
+    (``ZipExtFile.seek`` holds up to 16 MiB per step); a backward one rewinds."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.name = getattr(stream, "name", stream)
+
+    def seek(self, offset: int) -> None:
+        if offset < self._stream.tell():
+            self._stream.seek(offset)
+        while self._stream.tell() < offset:
+            if not self._stream.read(min(offset - self._stream.tell(), 1 << 20)):
+                return  # past the end: the read that follows reports it
+
+    def readinto(self, view) -> int:
+        return self._stream.readinto(view)
+
+
 class _Closable:
     """Context-manager support for the file readers below (``with SafetensorsFile(p) as f: ...``)."""
 
@@ -164,7 +183,8 @@ def parse_safetensors_header(path: pathlib.Path, size: int, prefix: bytes, read:
     N; N bytes of UTF-8 JSON, an object; ``__metadata__`` (optional) maps str to str; every other key is a tensor
     {``dtype``: a known tag, ``shape``: non-negative ints, ``data_offsets``: [begin, end]}, offsets relative to the
     byte after the header; sorted by begin, the spans are contiguous from 0 (no gap, no overlap) and the last ends
-    at the end of the file; end - begin = prod(shape) x dtype size.
+    at the end of the file; end - begin = prod(shape) x dtype size. One rule more than the reference reader: a
+    key may occur once (it keeps the last of duplicates, whose other spans then hold unread bytes).
 
     Args:
       path: the file (named in errors).
@@ -196,8 +216,8 @@ def parse_safetensors_header(path: pathlib.Path, size: int, prefix: bytes, read:
     spans = []
     for key, entry in header.items():
         where = f"{path}: tensor {key!r}"
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise CheckpointFormatError(f"{where}: an entry must hold exactly dtype, shape and data_offsets")
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointFormatError(f"{where}: the entry must hold dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointFormatError(f"{where}: unsupported dtype {dtype!r}")
@@ -472,7 +492,7 @@ class TorchBinFile(_Closable):
             return self._gather(ref, lambda begin, out: _read_exact(self._file, base + begin * itemsize, out))
         # torch writes uncompressed members; a re-zipped one is inflated as a stream, up to the bytes a view needs
         with self._zip.open(info) as stream:
-            return self._gather(ref, lambda begin, out: _read_exact(stream, begin * itemsize, out))
+            return self._gather(ref, lambda begin, out: _read_exact(_Forward(stream), begin * itemsize, out))
 
     def _gather(self, ref: TorchTensorRef, read_span: Callable[[int, np.ndarray], None]) -> np.ndarray:
         """The elements of view `ref`, reading storage spans with ``read_span(first element, out)``.
