@@ -1,0 +1,399 @@
+"""jgoat on Flax NNX: NNX twins of linen models (same module paths, same weights) give the linen path's outputs, aux
+losses and adapter gradients; base params stay bit-identical under nnx.Optimizer; the tree machinery round-trips.
+
+Tolerance: every comparison with the linen path is |nnx − linen| ≤ 1e-6 · max|linen| per leaf (fp32; both paths run
+the same adapter code on the same arrays, so the differences are only XLA's fusion / summation order).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from toys import ScannedMLP
+
+import jgoat
+import jgoat.nnx as jn
+
+RTOL = 1e-6
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(8, name="down")(jax.nn.gelu(nn.Dense(32, name="up")(x)))
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(16, 32, rngs=rngs)
+        self.down = nnx.Linear(32, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+class LinenAttn(nn.Module):
+    """DenseGeneral with multi-dim outputs and inputs, and an Einsum: kernels that are not [in, out]."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.DenseGeneral((2, 8), name="q")(x)
+        o = nn.DenseGeneral(16, axis=(-2, -1), name="o")(jax.nn.gelu(q))
+        return nn.Einsum((16, 8), "btd,df->btf", use_bias=False, name="e")(o)
+
+
+class NnxAttn(nnx.Module):
+    def __init__(self, rngs):
+        self.q = nnx.LinearGeneral(16, (2, 8), rngs=rngs)
+        self.o = nnx.LinearGeneral((2, 8), 16, axis=(-2, -1), rngs=rngs)
+        self.e = nnx.Einsum("btd,df->btf", (16, 8), rngs=rngs)
+
+    def __call__(self, x):
+        return self.e(self.o(jax.nn.gelu(self.q(x))))
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(16, 32, rngs=rngs)
+        self.down = nnx.Linear(32, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jax.nn.gelu(self.up(x)))
+
+
+class NnxScanned(nnx.Module):
+    """toys.ScannedMLP in NNX: 3 blocks built by nnx.vmap (kernels [3, in, out]), run by nnx.scan, and a head."""
+
+    def __init__(self, rngs, remat=False):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(rngs):
+            return NnxBlock(rngs)
+
+        self.layers = make(rngs)
+        self.head = nnx.Linear(16, 16, rngs=rngs)
+        self.remat = remat
+
+    def __call__(self, x):
+        def body(x, block):
+            return block(x)
+
+        body = nnx.remat(body) if self.remat else body
+        x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+        return self.head(x)
+
+
+def _x(shape=(2, 5, 16), seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _twin(linen_model, nnx_cls, x, **kwargs):
+    """(linen params, NNX model holding the same weights)."""
+    params = linen_model.init(jax.random.key(1), x)["params"]
+    model = nnx_cls(nnx.Rngs(0), **kwargs)
+    jn.update(model, params)
+    return params, model
+
+
+def _flat(tree) -> dict:
+    """{'a/b/c': array} of a linen tree or an nnx.State (Variables' 'value' dropped), None leaves left out."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        out[name.removesuffix("/value")] = leaf
+    return out
+
+
+def _assert_close(got, want):
+    got, want = _flat(got), _flat(want)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        g, w = np.asarray(got[name]), np.asarray(want[name])
+        assert g.shape == w.shape, name
+        scale = max(float(np.max(np.abs(w))), 1e-30)
+        assert np.max(np.abs(g - w)) <= RTOL * scale, (name, np.max(np.abs(g - w)), scale)
+
+
+def _linen_run(model, wrapped, x, layouts=None):
+    """(out, aux, adapter grads) on linen: jgoat.apply over the split trainable tree."""
+    trainable, frozen = jgoat.split(wrapped)
+
+    def loss(trainable):
+        out, aux = jgoat.apply(model.apply)({"params": jgoat.combine(trainable, frozen)}, x)
+        return jnp.mean(out**2) + 0.1 * aux, (out, aux)
+
+    (_, (out, aux)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+    return out, aux, grads
+
+
+def _nnx_run(model, x, jit):
+    def step(model, x):
+        def loss(model):
+            out, aux = jn.apply(model, x)
+            return jnp.mean(out**2) + 0.1 * aux, (out, aux)
+
+        (_, (out, aux)), grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, jn.Adapter), has_aux=True)(model)
+        return out, aux, grads
+
+    return (nnx.jit(step) if jit else step)(model, x)
+
+
+CONFIGS = {
+    "goat": jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets=["up", "down"]),
+    "lora": jgoat.LoraConfig(rank=4, targets=["up", "down"]),
+    "dora": jgoat.LoraConfig(rank=4, use_dora=True, targets=["up", "down"]),
+    "ia3": jgoat.IA3Config(targets=["up", "down"], feedforward=["down"]),
+    "pissa": jgoat.LoraConfig(rank=4, init="pissa", targets=["up"]),
+    "kasa": jgoat.KasaConfig(rank=4, targets=["up", "down"]),
+    "lori": jgoat.LoriConfig(rank=4, targets=["up", "down"]),
+    "molora": jgoat.MoLoraConfig(rank=8, experts=4, top_k=1, targets=["up"]),
+}
+
+
+def _nonzero_b(wrapped):
+    """LoRA-like B starts at zero: perturb every trainable leaf so gradients of A (and the outputs) are non-trivial."""
+    trainable, frozen = jgoat.split(wrapped)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jgoat.combine(jax.tree.unflatten(treedef, leaves), frozen)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_mlp_equals_linen(method, jit):
+    x = _x()
+    params, model = _twin(LinenMLP(), NnxMLP, x)
+    wrapped = jgoat.wrap(params, CONFIGS[method], key=jax.random.key(2))
+    jn.wrap(model, CONFIGS[method], key=jax.random.key(2))
+    _assert_close(jn.params(model), wrapped)  # same key, same paths: the same adapters
+    wrapped = _nonzero_b(wrapped)
+    jn.update(model, wrapped)
+    out, aux, grads = _nnx_run(model, x, jit)
+    want_out, want_aux, want_grads = _linen_run(LinenMLP(), wrapped, x)
+    _assert_close(out, want_out)
+    _assert_close(aux, want_aux)
+    _assert_close(grads, want_grads)
+    if method in ("goat", "molora"):
+        assert float(aux) > 0.0
+
+
+@pytest.mark.parametrize("method", ["goat", "lora"])
+def test_qlora_equals_linen(method):
+    x = _x()
+    params, model = _twin(LinenMLP(), NnxMLP, x)
+    qparams = jgoat.quantize_nf4(params, targets=["up", "down"])
+    jn.quantize_nf4(model, targets=["up", "down"])
+    assert isinstance(model.up.kernel.get_raw_value(), jgoat.NF4Kernel)
+    base_out = model(x)  # NF4 base without adapters runs too
+    _assert_close(base_out, LinenMLP().apply({"params": jgoat.dequantize_tree(qparams)}, x))
+    wrapped = _nonzero_b(jgoat.wrap(qparams, CONFIGS[method], key=jax.random.key(2)))
+    jn.wrap(model, CONFIGS[method], key=jax.random.key(2))
+    jn.update(model, wrapped)
+    out, aux, grads = _nnx_run(model, x, jit=True)
+    want_out, want_aux, want_grads = _linen_run(LinenMLP(), wrapped, x)
+    _assert_close(out, want_out)
+    _assert_close(aux, want_aux)
+    _assert_close(grads, want_grads)
+
+
+@pytest.mark.parametrize("method", ["goat", "lora"])
+def test_linear_general_and_einsum_equal_linen(method):
+    x = _x()
+    params, model = _twin(LinenAttn(), NnxAttn, x)
+    cfg = {"goat": jgoat.GoatConfig(rank=4, experts=2, top_k=1), "lora": jgoat.LoraConfig(rank=4)}[method]
+    wrapped = _nonzero_b(jgoat.wrap(params, cfg, key=jax.random.key(2), layouts=jgoat.probe(LinenAttn(), params, x)))
+    jn.wrap(model, cfg, key=jax.random.key(2))
+    assert jn.layouts(model) == jgoat.probe(LinenAttn(), params, x)
+    jn.update(model, wrapped)
+    out, aux, grads = _nnx_run(model, x, jit=True)
+    want_out, want_aux, want_grads = _linen_run(LinenAttn(), wrapped, x)
+    _assert_close(out, want_out)
+    _assert_close(aux, want_aux)
+    _assert_close(grads, want_grads)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_scanned_layers_equal_linen(remat, jit):
+    """nnx.vmap-built layers (kernels [3, in, out]) run by nnx.scan (and nnx.remat) vs linen's nn.scan."""
+    x = _x((2, 5, 16))
+    linen = ScannedMLP(width=16, hidden=32, layers=3, remat=remat)
+    params, model = _twin(linen, NnxScanned, x, remat=remat)
+    cfg = jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets=["up", "down"])
+    wrapped = jgoat.wrap(params, cfg, key=jax.random.key(2))
+    jn.wrap(model, cfg, key=jax.random.key(2))
+    assert model.layers.up.jgoat.A.get_value().shape == (3, 4, 16, 2)
+    out, aux, grads = _nnx_run(model, x, jit)
+    want_out, want_aux, want_grads = _linen_run(linen, wrapped, x)
+    _assert_close(out, want_out)
+    _assert_close(aux, want_aux)
+    _assert_close(grads, want_grads)
+    assert float(aux) > 0.0
+    _, aux_again = jn.apply(model, x)  # the accumulators are zeroed around each call: no stale aux
+    _assert_close(aux_again, want_aux)
+
+
+def test_aux_mask_and_expert_load_equal_linen():
+    x = _x()
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    params, model = _twin(LinenMLP(), NnxMLP, x)
+    wrapped = jgoat.wrap(params, CONFIGS["goat"], key=jax.random.key(2))
+    jn.wrap(model, CONFIGS["goat"], key=jax.random.key(2))
+    _, aux, load = jn.apply(model, x, aux_mask=mask, collect_load=True)
+    _, want_aux, want_load = jgoat.apply(LinenMLP().apply, collect_load=True)({"params": wrapped}, x, aux_mask=mask)
+    _assert_close(aux, want_aux)
+    _assert_close(load, want_load)
+    _, unmasked = jn.apply(model, x)
+    assert abs(float(unmasked) - float(aux)) > 1e-4  # the mask changes the loss
+
+
+def test_optimizer_trains_adapters_only():
+    x, y = _x(), _x((2, 5, 8), seed=3)
+    model = NnxMLP(nnx.Rngs(0))
+    base = {k: np.asarray(v) for k, v in _flat(nnx.state(model, nnx.Param)).items()}
+    jn.wrap(model, CONFIGS["goat"], key=jax.random.key(2))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=jn.Adapter)
+    n_adapter = len(jax.tree.leaves(nnx.state(model, jn.Adapter)))
+    assert n_adapter == 6  # A, B, router for up and down
+    mu = jax.tree.leaves(optimizer.opt_state[0].mu)
+    assert len(mu) == n_adapter
+    assert sum(x.size for x in mu) == sum(x.size for x in jax.tree.leaves(nnx.state(model, jn.Adapter)))
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss_fn(model):
+            out, aux = jn.apply(model, x)
+            return jnp.mean((out - y) ** 2) + 0.01 * aux
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, jn.Adapter))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer, x, y)) for _ in range(10)]
+    assert losses[-1] < losses[0]
+    after = {k: np.asarray(v) for k, v in _flat(nnx.state(model, nnx.Param)).items() if "/jgoat/" not in k}
+    assert sorted(after) == sorted(base)
+    for k in base:
+        np.testing.assert_array_equal(after[k], base[k])  # bit-identical base
+    assert all(isinstance(v, jn.AdapterConst) for _, v in nnx.to_flat_state(nnx.state(model, jn.AdapterConst)))
+
+
+def test_merge_unmerge_round_trip():
+    x = _x()
+    params, model = _twin(LinenMLP(), NnxMLP, x)
+    jn.wrap(model, CONFIGS["lora"], key=jax.random.key(2))
+    jn.update(model, _nonzero_b(jn.params(model)))
+    merged = jn.merge(model)
+    assert not hasattr(merged.up, "jgoat") and hasattr(model.up, "jgoat")
+    out, _ = jn.apply(model, x)
+    _assert_close(merged(x), out)
+    _assert_close(jn.params(merged), jgoat.merge(jn.params(model)))
+    back = jn.unmerge(merged, model)
+    np.testing.assert_allclose(back.up.kernel.get_value(), params["up"]["kernel"], atol=1e-6)
+    with pytest.raises(ValueError, match="GOAT is never merged"):
+        jn.merge(jn.wrap(NnxMLP(nnx.Rngs(0)), CONFIGS["goat"], key=jax.random.key(2)))
+
+
+def test_save_restore_round_trip(tmp_path):
+    x = _x()
+    model = jn.wrap(NnxMLP(nnx.Rngs(0)), CONFIGS["goat"], key=jax.random.key(2))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=jn.Adapter)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, jn.Adapter))(model)
+    optimizer.update(model, grads)
+    jn.save(tmp_path, model, step=1, optimizer=optimizer, metadata={"data_position": 5})
+    fresh = jn.wrap(NnxMLP(nnx.Rngs(0)), CONFIGS["goat"], key=jax.random.key(9))
+    fresh_opt = nnx.Optimizer(fresh, optax.adam(1e-2), wrt=jn.Adapter)
+    record = jn.restore(tmp_path, fresh, optimizer=fresh_opt)
+    assert record["metadata"] == {"data_position": 5}
+    _assert_close(nnx.state(fresh, jn.Adapter), nnx.state(model, jn.Adapter))
+    _assert_close(nnx.state(fresh_opt, nnx.OptState), nnx.state(optimizer, nnx.OptState))
+    _assert_close(fresh(x), model(x))
+    other = jn.wrap(NnxMLP(nnx.Rngs(1)), CONFIGS["goat"], key=jax.random.key(2))  # another base
+    with pytest.raises(ValueError, match="different base model"):
+        jn.restore(tmp_path, other)
+
+
+def test_summary_and_tree_functions():
+    model = jn.wrap(NnxMLP(nnx.Rngs(0)), CONFIGS["lora"], key=jax.random.key(2))
+    assert jn.summary(model) == jgoat.summary(jn.params(model))
+    assert "lora" in jn.summary(model)
+    assert [p for p, _ in jgoat.adapters(jn.params(model))] == ["down", "up"]
+
+
+def test_dropout_follows_train_and_eval():
+    x = _x()
+    cfg = jgoat.LoraConfig(rank=4, targets=["up"], dropout=0.5)
+    with pytest.raises(ValueError, match="rngs=nnx.Rngs"):
+        jn.wrap(NnxMLP(nnx.Rngs(0)), cfg, key=jax.random.key(2))
+    model = jn.wrap(NnxMLP(nnx.Rngs(0)), cfg, key=jax.random.key(2), rngs=nnx.Rngs(dropout=3))
+    jn.update(model, _nonzero_b(jn.params(model)))
+    a, b = model(x), model(x)
+    assert not np.allclose(a, b)  # a fresh mask per call
+    model.eval()
+    c, d = model(x), model(x)
+    np.testing.assert_array_equal(c, d)
+    _assert_close(c, jgoat.apply(LinenMLP().apply)({"params": jn.params(model)}, x)[0])
+
+
+class Conv(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(16, 16, kernel_size=(3,), rngs=rngs)
+        self.up = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.up(self.conv(x))
+
+
+class MyLinear(nnx.Module):
+    def __init__(self, rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (16, 8)))
+
+    def __call__(self, x):
+        return x @ self.kernel[...]
+
+
+class Custom(nnx.Module):
+    def __init__(self, rngs):
+        self.mine = MyLinear(rngs)
+
+    def __call__(self, x):
+        return self.mine(x)
+
+
+def test_bad_input_errors():
+    model = jn.wrap(NnxMLP(nnx.Rngs(0)), CONFIGS["lora"], key=jax.random.key(2))
+    with pytest.raises(ValueError, match="already holds jgoat adapters .*'down'"):
+        jn.wrap(model, CONFIGS["lora"], key=jax.random.key(2))
+    with pytest.raises(ValueError, match="'qkv' matches no linear module; some real module paths: 'down', 'up'"):
+        jn.wrap(NnxMLP(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["qkv"]), key=jax.random.key(2))
+    with pytest.raises(ValueError, match="module 'conv' is a Conv, which jgoat cannot intercept"):
+        jn.wrap(Conv(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["conv", "up"]), key=jax.random.key(2))
+    assert [p for p, _ in jgoat.adapters(jn.params(jn.wrap(Conv(nnx.Rngs(0)), jgoat.LoraConfig(rank=4),
+                                                           key=jax.random.key(2))))] == ["up"]  # all-linear
+    with pytest.raises(ValueError, match="module 'mine' is a MyLinear, which jgoat cannot intercept"):
+        jn.wrap(Custom(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["mine"]), key=jax.random.key(2))
+    with pytest.raises(TypeError, match="need the hook points of jgoat's own"):
+        jn.wrap(NnxMLP(nnx.Rngs(0)), jgoat.PromptTuningConfig(num_virtual_tokens=2), key=jax.random.key(2))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        jn.wrap(NnxMLP(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["up"], modules_to_save=["down"]),
+                key=jax.random.key(2))
+    with pytest.raises(TypeError, match="takes an nnx.Module"):
+        jn.wrap({"up": {"kernel": jnp.ones((2, 2))}}, CONFIGS["lora"], key=jax.random.key(2))
+
+
+def test_registered_user_class():
+    x = _x()
+    jgoat.register_linear(MyLinear)
+    model = Custom(nnx.Rngs(0))
+    base = model(x)
+    jn.wrap(model, jgoat.LoraConfig(rank=4, targets=["mine"]), key=jax.random.key(2))
+    np.testing.assert_array_equal(model(x), base)  # B = 0 at init
+    jn.update(model, _nonzero_b(jn.params(model)))
+    adapter = model.mine.jgoat.node()
+    want = base + adapter.scale * (x @ adapter.A) @ adapter.B
+    _assert_close(model(x), want)
