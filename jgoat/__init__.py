@@ -4,7 +4,6 @@
     out, aux = jgoat.apply(model.apply)({"params": wrapped}, batch)
 """
 
-from jgoat._tree import Layout
 from jgoat.adapters import (
     DoraAdapter,
     GoatAdapter,
@@ -24,21 +23,17 @@ from jgoat.adapters import (
     regularizer,
 )
 from jgoat.adapters.bottleneck import BottleneckConfig, add_bottleneck
-from jgoat.adapters.gora import (
-    GoraAdapter,
-    GoraConfig,
-    gora_allocate,
-    gora_gradients,
-    gora_importance,
-    gora_ranks,
-    gora_wrap,
-)
+from jgoat.adapters.gora import GoraAdapter, GoraConfig
 from jgoat.adapters.prompt import PrefixTuningConfig, PromptTuningConfig, add_prefix, add_prompt
 from jgoat.apply import apply, probe, register_linear
 from jgoat.checkpoint import adapter_leaves, fingerprint, latest_step, restore, save
+from jgoat.core import Layout, __version__
+from jgoat.errors import JgoatError, NonFiniteError
+from jgoat.grad_init import gora_allocate, gora_gradients, gora_importance, gora_ranks, gora_wrap
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
 from jgoat.quant import NF4Kernel, dequantize, dequantize_tree, quantize_nf4
 from jgoat.train import TrainState, accumulate_step, adamw_cosine, cosine_schedule, freeze_base, train_step
+from jgoat.trainer import Callback, Checkpoint, Evaluate, FitResult, JsonlLogger, TensorBoardLogger, fit
 from jgoat.wrap import (
     adapter_names,
     adapters,
@@ -55,9 +50,8 @@ from jgoat.wrap import (
     wrap,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "BottleneckConfig",
     "DoraAdapter",
     "GoatAdapter",
@@ -78,6 +72,15 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "TrainState",
+    "Callback",
+    "Checkpoint",
+    "Evaluate",
+    "FitResult",
+    "JgoatError",
+    "JsonlLogger",
+    "NonFiniteError",
+    "TensorBoardLogger",
+    "fit",
     "adamw_cosine",
     "add_bottleneck",
     "add_prefix",

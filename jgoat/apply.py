@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgoat._tree import ADAPTER_KEY, Layout, check_name, get_at, slot_names
 from jgoat.adapters import (
     ADAPTER_TYPES,
     GoatAdapter,
@@ -24,6 +23,7 @@ from jgoat.adapters import (
     LoriAdapter,
 )
 from jgoat.adapters.base import Context
+from jgoat.core import ADAPTER_KEY, Layout, check_name, get_at, slot_names
 from jgoat.quant import NF4Kernel, linear_base
 
 AUX_COLLECTION = "jgoat_aux"
@@ -397,3 +397,38 @@ def probe(model: nn.Module, params: Mapping, *args, method: str | None = None, *
 
     jax.eval_shape(run)
     return found
+
+
+def linear_n_in(module: Any) -> int | None:
+    """How many trailing input dims the kernel of a linear-like module contracts (linen or NNX module); None when
+    its class is not registered with `register_linear`."""
+    return _linear_n_in(module)
+
+
+def einsum_n_in(module: Any) -> int:
+    """`register_linear`'s ``n_in`` for an einsum module (linen or NNX) with an ``einsum_str`` attribute: the number
+    of contracted dims; a ValueError unless it computes [..., *in] x [*in, *out] -> [..., *out]."""
+    return _einsum_n_in(module)
+
+
+def adapted_output(adapter: Any, x: jax.Array, y: jax.Array, *, kernel: jax.Array, bias: jax.Array | None,
+                   rng: jax.Array | None = None, token_mask: jax.Array | None = None, path: str = "",
+                   collect_load: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """One adapted linear call: the base output `y` plus `adapter`'s effect (what any injection path runs).
+
+    Args:
+      adapter: one (unstacked) adapter node; x: the input [..., *in_dims]; y: the base output [..., *out_dims].
+      kernel: the layer's kernel [*in_dims, *out_dims] as the model multiplies it (dequantised for NF4); bias or None.
+      rng: adapter dropout key or None; token_mask: ``aux_mask`` as given to `apply`; path: module path for errors.
+      collect_load: also return GOAT's expert load.
+
+    Returns:
+      (output with the adapter, aux loss or None, expert load [E] when collect_load and GOAT, else None).
+    """
+    _check_stacking(adapter, path)
+    x_TxI, lead = _flatten_in(x, adapter.in_features, path)
+    ctx = Context(kernel_IxO=kernel.reshape(x_TxI.shape[1], -1), bias_O=None if bias is None else bias.reshape(-1),
+                  rng=rng, token_mask_T=_mask_for(token_mask, lead, path))
+    y_TxO, aux = adapter.forward(x_TxI, y.reshape(x_TxI.shape[0], -1), ctx)
+    load = expert_load(adapter, x_TxI, ctx.token_mask_T) if collect_load and isinstance(adapter, GoatAdapter) else None
+    return y_TxO.reshape(y.shape), aux, load

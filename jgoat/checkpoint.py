@@ -9,7 +9,6 @@ good checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,60 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jgoat._tree import ADAPTER_KEY
-from jgoat.adapters import TrainModule
+from jgoat.core import adapter_leaves, fingerprint, is_adapter_path, saved_prefixes
 
 PyTree = Any
-_SAMPLES = 1024
-
-
-def _flat(tree: PyTree) -> list[tuple[str, Any]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in leaves]
-
-
-def _is_adapter_path(path: str, saved_prefixes: list[str]) -> bool:
-    parts = path.split("/")
-    return ADAPTER_KEY in parts or any(path.startswith(p + "/") for p in saved_prefixes)
-
-
-def _saved_prefixes(tree: PyTree, prefix: str = "") -> list[str]:
-    """'/'-paths of modules marked as modules_to_save."""
-    out = []
-    if isinstance(tree, Mapping):
-        if isinstance(tree.get(ADAPTER_KEY), TrainModule):
-            out.append(prefix.rstrip("/"))
-        for name, child in tree.items():
-            out += _saved_prefixes(child, f"{prefix}{name}/")
-    return out
-
-
-def adapter_leaves(tree: PyTree) -> dict[str, Any]:
-    """{path: array} of everything a checkpoint stores: adapter arrays and modules_to_save params."""
-    saved = _saved_prefixes(tree)
-    return {p: x for p, x in _flat(tree) if _is_adapter_path(p, saved)}
-
-
-def fingerprint(tree: PyTree) -> str:
-    """A stable id of the frozen base weights (adapters and modules_to_save excluded).
-
-    sha256 over every base leaf's path, shape, dtype and the exact bytes of up to 1024 evenly spaced elements plus
-    the first and last 64: any re-trained, re-quantised or different checkpoint changes it, while hashing stays
-    cheap for 7B-parameter trees and independent of the platform (no floating-point reductions).
-    """
-    saved = _saved_prefixes(tree)
-    h = hashlib.sha256()
-    for path, leaf in _flat(tree):
-        if _is_adapter_path(path, saved):
-            continue
-        flat = leaf.reshape(-1)
-        n = flat.shape[0]
-        idx = np.unique(np.concatenate([np.linspace(0, n - 1, min(n, _SAMPLES)).astype(np.int64),
-                                        np.arange(min(n, 64)), np.arange(max(n - 64, 0), n)]))
-        sample = np.asarray(flat[idx])
-        h.update(f"{path}|{tuple(leaf.shape)}|{sample.dtype}|".encode())
-        h.update(sample.tobytes())
-    return h.hexdigest()
+__all__ = ["adapter_leaves", "fingerprint", "latest_step", "read_adapters", "restore", "save"]
 
 
 def _manager(directory: str | os.PathLike, max_to_keep: int | None) -> ocp.CheckpointManager:
@@ -118,6 +67,21 @@ def save(
             items["opt"] = ocp.args.StandardSave(opt_leaves)
         mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
         mngr.wait_until_finished()
+
+
+def read_adapters(directory: str | os.PathLike, *, step: int | None = None) -> tuple[dict[str, Any], dict]:
+    """(the JSON record, {adapter leaf path: numpy array}) of a checkpoint, read without any template tree.
+
+    For rebuilding a template whose shapes depend on saved values, e.g. GoRA's per-layer ranks
+    (``jgoat.gora_ranks(directory)``). `step` defaults to the latest.
+    """
+    with _manager(directory, None) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+        arrays = mngr.restore(step, args=ocp.args.Composite(adapter=ocp.args.StandardRestore()))["adapter"]
+    return record, {path: np.asarray(arrays[f"a{i:05d}"]) for i, path in enumerate(record["adapter_paths"])}
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
@@ -177,9 +141,9 @@ def restore(
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
     # orbax hands back host numpy arrays for unsharded targets: make them jax arrays like the tree they came from
     values = iter(jnp.asarray(restored["adapter"][f"a{i:05d}"]) for i in range(len(leaves)))
-    saved = _saved_prefixes(tree)
+    saved = saved_prefixes(tree)
     paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    new_leaves = [next(values) if _is_adapter_path(jax.tree_util.keystr(p, simple=True, separator="/"), saved)
+    new_leaves = [next(values) if is_adapter_path(jax.tree_util.keystr(p, simple=True, separator="/"), saved)
                   else x for p, x in paths]
     new_tree = jax.tree_util.tree_unflatten(treedef, new_leaves)
     new_opt = opt_state

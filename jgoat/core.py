@@ -1,17 +1,78 @@
-"""Walking Flax parameter trees: modules are dicts, a linear module is one holding a `kernel` array.
+"""jgoat's core, imported by every other layer and importing none of them: tree paths, kernel layouts, target
+selection, the adapter-config base, the trainable marker and the base fingerprint.
 
-An adapted module holds its adapter in a slot: ``module["jgoat"]``. The slot holds one adapter node (a tree wrapped
-without a name), a `TrainModule` marker (modules_to_save), or a dict {name: adapter node} of named adapters.
+Walking Flax parameter trees: modules are dicts, a linear module is one holding a `kernel` array. An adapted module
+holds its adapter in a slot: ``module["jgoat"]``. The slot holds one adapter node (a tree wrapped without a name), a
+`TrainModule` marker (modules_to_save), or a dict {name: adapter node} of named adapters.
+
+Layers (imports point downward only): core (this module, and :mod:`jgoat.hooks`) <- ``jgoat.adapters.<method>`` <-
+``wrap``, ``quant``, ``checkpoint``, ``grad_init``, ``interop`` <- ``apply`` <- ``train`` <- ``cli``. The models
+(``jgoat.models``) import the core and the hooks only; tests/test_architecture.py enforces it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+from flax import struct
+
+__version__ = "0.1.0"
 
 ADAPTER_KEY = "jgoat"
+PyTree = Any
+# Module names treated as output heads: excluded from "all-linear" unless named explicitly.
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "classifier", "score", "head", "heads", "qa_outputs")
+_SAMPLES = 1024  # elements hashed per base leaf by `fingerprint`
+
+
+@struct.dataclass
+class TrainModule:
+    """Marker placed beside the params of a `modules_to_save` module: all of that module's params are trainable."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """Targeting knobs shared by every method.
+
+    Attributes:
+      targets: which linear modules get an adapter. A string is a regular expression that must match a whole
+        '/'-joined module path (e.g. ``r".*/(query|value)"``); a list/tuple of names matches modules whose last
+        path component (or '/'-joined path suffix) equals one of them (HF PEFT's ``target_modules`` semantics);
+        ``"all-linear"`` selects every linear kernel except output heads (see ``HEAD_NAMES``) and convolutions.
+      exclude: same forms as ``targets`` (without "all-linear"); removes modules from the selection.
+      modules_to_save: modules (same forms) whose own parameters become fully trainable, e.g. a new classifier.
+      dropout: adapter dropout on the adapter input only (active when a 'dropout' rng is passed to apply).
+    """
+
+    targets: str | Sequence[str] = "all-linear"
+    exclude: str | Sequence[str] = ()
+    modules_to_save: str | Sequence[str] = ()
+    dropout: float = 0.0
+
+    method: ClassVar[str] = "base"
+
+    def __post_init__(self):
+        for name in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # keep configs hashable
+                object.__setattr__(self, name, tuple(value))
+            value = getattr(self, name)
+            if not isinstance(value, str) and not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a regex string or a sequence of module names, got {value!r}")
+        if self.targets == "" or self.targets == ():
+            raise ValueError("targets is empty: give a regex, a list of module names, or 'all-linear'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def check_layer(self, path: str, in_features: int, out_features: int) -> None:
+        """Raise a ValueError if this config cannot adapt a layer of this shape."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,3 +178,119 @@ def rule_matches(rule: str | Sequence[str], path: Sequence[str]) -> bool:
 def rule_parts(rule: str | Sequence[str]) -> list[str | tuple[str]]:
     """Each independently checkable part of a rule: the regex itself, or each name of a list."""
     return [rule] if isinstance(rule, str) else [(name,) for name in rule]
+
+
+def to_dict(tree: PyTree) -> PyTree:
+    """A copy of `tree` with every Mapping (FrozenDict included) turned into a plain dict; leaves shared."""
+    if isinstance(tree, Mapping):
+        return {k: to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------- layouts, targets
+
+
+def layout_for(path: Sequence[str], kernel: Any, layouts: Mapping[str, Layout] | None = None) -> Layout:
+    """The `Layout` of the kernel at `path`: the kernel's own (a quantised ``jgoat.quant.NF4Kernel`` carries the one
+    fixed at quantisation), else ``layouts[path]`` (``jgoat.probe``), else the default for its ndim."""
+    own = getattr(kernel, "layout", None)
+    if isinstance(own, Layout):
+        return own
+    if layouts is not None and path_str(path) in layouts:
+        return layouts[path_str(path)]
+    return Layout(n_stack=max(kernel.ndim - 2, 0), n_in=1)
+
+
+def check_rule(rule: str | Sequence[str], paths: Sequence[tuple[str, ...]], what: str) -> None:
+    """Every regex / every listed name of a rule must match at least one of `paths` (a ValueError names some)."""
+    for part in rule_parts(rule):
+        if not any(rule_matches(part if isinstance(part, str) else list(part), p) for p in paths):
+            shown = ", ".join(f"'{path_str(p)}'" for p in paths[:6]) + (" ..." if len(paths) > 6 else "")
+            name = part if isinstance(part, str) else part[0]
+            kind = "module" if what == "modules_to_save" else "linear module"
+            raise ValueError(f"{what} rule {name!r} matches no {kind}; some real module paths: {shown}")
+
+
+def select_targets(params: Mapping, cfg: AdapterConfig,
+                   layouts: Mapping[str, Layout] | None = None) -> list[tuple[str, ...]]:
+    """The module paths `cfg` targets, in tree order. Raises if any rule matches nothing.
+
+    "all-linear" takes the modules `layouts` (from ``jgoat.probe``) lists, or without layouts every kernel of ndim 2
+    (Dense) or 3 (Dense scanned once) — never convolutions (ndim ≥ 4) — minus output heads.
+    """
+    linears = [p for p, m in linear_modules(params) if ADAPTER_KEY not in m]
+    if not linears:
+        raise ValueError("params contain no module with a 'kernel' array; pass the 'params' collection of a model")
+    if cfg.targets == "all-linear":
+        def is_linear(p):
+            return path_str(p) in layouts if layouts is not None else get_at(params, p)["kernel"].ndim in (2, 3)
+
+        chosen = [p for p in linears if not set(p) & set(HEAD_NAMES) and is_linear(p)]
+    else:
+        check_rule(cfg.targets, linears, "targets")
+        chosen = [p for p in linears if rule_matches(cfg.targets, p)]
+    if cfg.exclude:
+        check_rule(cfg.exclude, linears, "exclude")
+        chosen = [p for p in chosen if not rule_matches(cfg.exclude, p)]
+    if not chosen:
+        raise ValueError(f"targets={cfg.targets!r} minus exclude={cfg.exclude!r} selects no module")
+    return chosen
+
+
+def module_key(key: jax.Array, path: Sequence[str]) -> jax.Array:
+    """The PRNG key of the module at `path`, independent of tree order: a CRC of the path folded into `key`."""
+    return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
+
+
+# --------------------------------------------------------------------------------------------------- adapter leaves
+
+
+def leaf_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    """('/'-path, leaf) of every leaf of `tree`, in flattening order."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in leaves]
+
+
+def saved_prefixes(tree: PyTree, prefix: str = "") -> list[str]:
+    """'/'-paths of the modules marked as modules_to_save (a `TrainModule` in their slot)."""
+    out = []
+    if isinstance(tree, Mapping):
+        if isinstance(tree.get(ADAPTER_KEY), TrainModule):
+            out.append(prefix.rstrip("/"))
+        for name, child in tree.items():
+            out += saved_prefixes(child, f"{prefix}{name}/")
+    return out
+
+
+def is_adapter_path(path: str, saved: Sequence[str]) -> bool:
+    """Whether the leaf at '/'-path `path` is adapter state: inside a ``jgoat`` slot or a modules_to_save module
+    (`saved`, from `saved_prefixes`)."""
+    return ADAPTER_KEY in path.split("/") or any(path.startswith(p + "/") for p in saved)
+
+
+def adapter_leaves(tree: PyTree) -> dict[str, Any]:
+    """{path: array} of everything a checkpoint stores: adapter arrays and modules_to_save params."""
+    saved = saved_prefixes(tree)
+    return {p: x for p, x in leaf_paths(tree) if is_adapter_path(p, saved)}
+
+
+def fingerprint(tree: PyTree) -> str:
+    """A stable id of the frozen base weights (adapters and modules_to_save excluded).
+
+    sha256 over every base leaf's path, shape, dtype and the exact bytes of up to 1024 evenly spaced elements plus
+    the first and last 64: any re-trained, re-quantised or different checkpoint changes it, while hashing stays
+    cheap for 7B-parameter trees and independent of the platform (no floating-point reductions).
+    """
+    saved = saved_prefixes(tree)
+    h = hashlib.sha256()
+    for path, leaf in leaf_paths(tree):
+        if is_adapter_path(path, saved):
+            continue
+        flat = leaf.reshape(-1)
+        n = flat.shape[0]
+        idx = np.unique(np.concatenate([np.linspace(0, n - 1, min(n, _SAMPLES)).astype(np.int64),
+                                        np.arange(min(n, 64)), np.arange(max(n - 64, 0), n)]))
+        sample = np.asarray(flat[idx])
+        h.update(f"{path}|{tuple(leaf.shape)}|{sample.dtype}|".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()

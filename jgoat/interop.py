@@ -79,7 +79,6 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.flax
 
-from jgoat._tree import ADAPTER_KEY, Layout, get_at, iter_modules, path_str, replace_at
 from jgoat.adapters import (
     ADAPTER_TYPES,
     DoraAdapter,
@@ -94,7 +93,18 @@ from jgoat.adapters import (
     LoraAdapter,
     LoraConfig,
     MoLoraConfig,
+)
+from jgoat.core import (
+    ADAPTER_KEY,
+    Layout,
     TrainModule,
+    __version__,
+    get_at,
+    iter_modules,
+    layout_for,
+    path_str,
+    replace_at,
+    to_dict,
 )
 from jgoat.wrap import adapter_names, init_layer, select_adapter
 
@@ -126,12 +136,6 @@ def default_torch_name(flax_path: str, index: tuple[int, ...]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _to_dict(tree: PyTree) -> PyTree:
-    if isinstance(tree, Mapping):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
 
 
 def _is_array(x) -> bool:
@@ -196,12 +200,6 @@ def _node_stack(adapter) -> tuple[int, ...]:
     return tuple(ref.shape[: ref.ndim - adapter.layer_ndim])
 
 
-def _layout(module: Mapping, path: tuple[str, ...], layouts: Mapping[str, Layout] | None) -> Layout:
-    if layouts is not None and path_str(path) in layouts:
-        return layouts[path_str(path)]
-    return Layout(n_stack=max(module["kernel"].ndim - 2, 0), n_in=1)
-
-
 def _module_stack(module: Mapping, path: tuple[str, ...], layouts: Mapping[str, Layout] | None):
     """(stack shape, in_features, out_features) of a module holding a kernel, or None."""
     kernel = module.get("kernel")
@@ -211,7 +209,7 @@ def _module_stack(module: Mapping, path: tuple[str, ...], layouts: Mapping[str, 
     if isinstance(adapter, ADAPTER_TYPES):
         stack, n_in = _node_stack(adapter), adapter.in_features
         return stack, n_in, int(np.prod(kernel.shape)) // (n_in * int(np.prod(stack, dtype=int)))
-    return _layout(module, path, layouts).split(kernel.shape)
+    return layout_for(path, kernel, layouts).split(kernel.shape)
 
 
 def _torch_params(module: Mapping) -> dict[str, tuple[str, bool]]:
@@ -353,7 +351,7 @@ def export_peft(
         raise ValueError("export_peft needs the jgoat.LoraConfig / KasaConfig / GoraConfig / IA3Config the tree was "
                          f"wrapped with, got {type(cfg).__name__}")
     torch_name = torch_name or default_torch_name
-    tree = _to_dict(_one_adapter(tree, adapter))
+    tree = to_dict(_one_adapter(tree, adapter))
     found = _all_adapters(tree)
     goat = [path_str(p) for p, a in found if isinstance(a, GoatAdapter)]
     if goat:
@@ -537,7 +535,8 @@ def _lora_node(per_layer: list[tuple[str, dict]], path, module, stack, n_in: int
         return LoraAdapter(**kw)
     kasa_cfg = KasaConfig(rank=ranks[0], alpha=1.0, dropout=dropout, **config["kasa_config"])
     try:
-        node = init_layer(kasa_cfg, module["kernel"], _layout(module, path, layouts), jax.random.key(0), path_str(path))
+        kernel = module["kernel"]
+        node = init_layer(kasa_cfg, kernel, layout_for(path, kernel, layouts), jax.random.key(0), path_str(path))
     except ValueError as e:
         return str(e)
     return node.replace(A=kw["A"], B=kw["B"], diag=_restack(extra, stack), scale=kw["scale"])
@@ -590,7 +589,7 @@ def import_peft(
     suffixes = _IA3_SUFFIXES if peft_type == "IA3" else _LORA_SUFFIXES
     tensors = safetensors.flax.load_file(os.path.join(in_dir, PEFT_WEIGHTS_FILE))
 
-    tree = _to_dict(tree)
+    tree = to_dict(tree)
     names = _name_index(tree, torch_name, layouts)
     errors: list[str] = []
     adapted: dict[tuple[str, ...], dict[tuple[int, ...], dict[str, Any]]] = {}
@@ -690,15 +689,6 @@ def import_peft(
 # GOAT's own format
 
 
-def _jgoat_version() -> str:
-    try:
-        from jgoat import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover - partially initialised package
-        return "unknown"
-
-
 def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fingerprint: str,
                 adapter: str | None = None) -> None:
     """Write the GOAT adapters (and modules_to_save) of a wrapped tree in jgoat's GOAT format (module docstring).
@@ -720,7 +710,7 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
         raise ValueError(f"export_goat needs the jgoat.GoatConfig the tree was wrapped with, got {type(cfg).__name__}")
     if not isinstance(fingerprint, str) or not fingerprint:
         raise ValueError("fingerprint must be a non-empty string identifying the base weights")
-    tree = _to_dict(_one_adapter(tree, adapter))
+    tree = to_dict(_one_adapter(tree, adapter))
     found = _all_adapters(tree)
     other = [path_str(p) for p, a in found if not isinstance(a, GoatAdapter)]
     if other:
@@ -756,7 +746,7 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
     config = {
         "format": GOAT_FORMAT,
         "format_version": GOAT_FORMAT_VERSION,
-        "jgoat_version": _jgoat_version(),
+        "jgoat_version": __version__,
         "base_fingerprint": fingerprint,
         "config_class": type(cfg).__name__ if type(cfg).__name__ in _GOAT_CLASSES else "GoatConfig",
         "config": dataclasses.asdict(cfg),
@@ -803,7 +793,7 @@ def import_goat(params: PyTree, in_dir: str | os.PathLike, *, fingerprint: str) 
     tensors = safetensors.flax.load_file(os.path.join(in_dir, GOAT_WEIGHTS_FILE))
     used: set[str] = set()
     errors: list[str] = []
-    tree = _to_dict(params)
+    tree = to_dict(params)
     for entry in meta["modules"]:
         p, stack = entry["path"], tuple(entry["stack"])
         n_in, n_out = entry["in_features"], entry["out_features"]
@@ -849,7 +839,7 @@ def import_goat(params: PyTree, in_dir: str | os.PathLike, *, fingerprint: str) 
         except (KeyError, TypeError):
             errors.append(f"params have no module '{p}' (modules_to_save)")
             continue
-        new = _to_dict(module)
+        new = to_dict(module)
         for sub, leaf in _module_params(module):
             key = path_str((*path, *sub))
             if key not in tensors:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import jgoat
-from jgoat.adapters.base import AdapterConfig
+from jgoat.core import AdapterConfig
 from jgoat.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 
 GIB = 1024**3

@@ -39,7 +39,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jgoat._tree import ADAPTER_KEY, Layout, get_at, iter_modules, path_str, replace_at
+from jgoat.core import (
+    ADAPTER_KEY,
+    AdapterConfig,
+    Layout,
+    get_at,
+    iter_modules,
+    layout_for,
+    path_str,
+    replace_at,
+    select_targets,
+    to_dict,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -360,10 +371,7 @@ def quantize_nf4(params: PyTree, *, targets: str | Sequence[str] = "all-linear",
       >>> wrapped = jgoat.wrap(qparams, jgoat.LoraConfig(rank=8), key=key)
       >>> out, aux = jgoat.apply(model.apply)({"params": wrapped}, x)
     """
-    from jgoat.adapters.base import AdapterConfig  # jgoat.wrap imports this module: import lazily
-    from jgoat.wrap import _layout_for, _to_dict, select_targets
-
-    params = _to_dict(params)
+    params = to_dict(params)
     adapted = [path_str(p) for p, m in iter_modules(params) if ADAPTER_KEY in m]
     if adapted:
         raise ValueError(f"params already hold adapters (e.g. at '{adapted[0]}'): quantise the base first, then "
@@ -372,7 +380,7 @@ def quantize_nf4(params: PyTree, *, targets: str | Sequence[str] = "all-linear",
         kernel = get_at(params, path)["kernel"]
         if isinstance(kernel, NF4Kernel):
             continue
-        node = quantize(kernel, _layout_for(path, kernel, layouts), double_quant=double_quant,
+        node = quantize(kernel, layout_for(path, kernel, layouts), double_quant=double_quant,
                         block_size=block_size)
         params = replace_at(params, path, lambda m, k=node: {**m, "kernel": k})
     return params

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,84 +16,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgoat._tree import (
+from jgoat.adapters import ADAPTER_TYPES, DoraAdapter, GoatAdapter, init_fn, method_name
+from jgoat.core import (
     ADAPTER_KEY,
+    AdapterConfig,
     Layout,
+    TrainModule,
+    adapter_leaves,
     check_name,
+    check_rule,
+    fingerprint,
     get_at,
     is_module,
     iter_modules,
-    linear_modules,
+    layout_for,
     map_slots,
+    module_key,
     path_str,
     replace_at,
     rule_matches,
-    rule_parts,
+    select_targets,
     slot_names,
+    to_dict,
 )
-from jgoat.adapters import (
-    ADAPTER_TYPES,
-    AdapterConfig,
-    DoraAdapter,
-    GoatAdapter,
-    TrainModule,
-    init_fn,
-    method_name,
-)
-from jgoat.adapters.base import HEAD_NAMES
-from jgoat.checkpoint import adapter_leaves, fingerprint
 from jgoat.quant import NF4Kernel, dequantize
 
 PyTree = Any
-
-
-def _layout_for(path: tuple[str, ...], kernel, layouts: Mapping[str, Layout] | None) -> Layout:
-    if isinstance(kernel, NF4Kernel):  # a quantised kernel knows its layout (fixed at quantize_nf4)
-        return kernel.layout
-    if layouts is not None and path_str(path) in layouts:
-        return layouts[path_str(path)]
-    return Layout(n_stack=max(kernel.ndim - 2, 0), n_in=1)
-
-
-def _check_rule(rule, paths: list[tuple[str, ...]], what: str) -> None:
-    """Every regex / every listed name of a rule must match at least one module."""
-    for part in rule_parts(rule):
-        if not any(rule_matches(part if isinstance(part, str) else list(part), p) for p in paths):
-            shown = ", ".join(f"'{path_str(p)}'" for p in paths[:6]) + (" ..." if len(paths) > 6 else "")
-            name = part if isinstance(part, str) else part[0]
-            kind = "module" if what == "modules_to_save" else "linear module"
-            raise ValueError(f"{what} rule {name!r} matches no {kind}; some real module paths: {shown}")
-
-
-def select_targets(params: Mapping, cfg: AdapterConfig,
-                   layouts: Mapping[str, Layout] | None = None) -> list[tuple[str, ...]]:
-    """The module paths `cfg` targets, in tree order. Raises if any rule matches nothing.
-
-    "all-linear" takes the modules `layouts` (from ``jgoat.probe``) lists, or without layouts every kernel of ndim 2
-    (Dense) or 3 (Dense scanned once) — never convolutions (ndim ≥ 4) — minus output heads.
-    """
-    linears = [p for p, m in linear_modules(params) if ADAPTER_KEY not in m]
-    if not linears:
-        raise ValueError("params contain no module with a 'kernel' array; pass the 'params' collection of a model")
-    if cfg.targets == "all-linear":
-        def is_linear(p):
-            return path_str(p) in layouts if layouts is not None else get_at(params, p)["kernel"].ndim in (2, 3)
-
-        chosen = [p for p in linears if not set(p) & set(HEAD_NAMES) and is_linear(p)]
-    else:
-        _check_rule(cfg.targets, linears, "targets")
-        chosen = [p for p in linears if rule_matches(cfg.targets, p)]
-    if cfg.exclude:
-        _check_rule(cfg.exclude, linears, "exclude")
-        chosen = [p for p in chosen if not rule_matches(cfg.exclude, p)]
-    if not chosen:
-        raise ValueError(f"targets={cfg.targets!r} minus exclude={cfg.exclude!r} selects no module")
-    return chosen
-
-
-def _module_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
-    """Independent of tree order: fold a CRC of the path into the key."""
-    return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
+__all__ = [
+    "add_adapter",
+    "adapter_names",
+    "adapters",
+    "combine",
+    "delete_adapter",
+    "init_layer",
+    "mark_trainable",
+    "merge",
+    "select_adapter",
+    "select_targets",
+    "split",
+    "summary",
+    "trainable_mask",
+    "unmerge",
+    "wrap",
+]
 
 
 @functools.cache
@@ -158,7 +122,7 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
         raise TypeError(f"jgoat.wrap adds linear adapters (LoraConfig, GoatConfig, ...), got {type(cfg).__name__}: "
                         "prompt/prefix tuning and bottleneck adapters change the model graph, add them with "
                         "jgoat.add_prompt / add_prefix / add_bottleneck (they are shared, never named)")
-    params = _to_dict(params)
+    params = to_dict(params)
     if name is not None:
         _check_new_name(params, name)
         if cfg.modules_to_save:
@@ -170,8 +134,8 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
         raise ValueError(f"params hold named adapters {slot_names(params)}: add another with name=...")
     for path in select_targets(params, cfg, layouts):
         module = get_at(params, path)
-        layout = _layout_for(path, module["kernel"], layouts)
-        adapter = init_layer(cfg, module["kernel"], layout, _module_key(key, path), path_str(path))
+        layout = layout_for(path, module["kernel"], layouts)
+        adapter = init_layer(cfg, module["kernel"], layout, module_key(key, path), path_str(path))
         params = replace_at(params, path, lambda m, a=adapter: {**m, ADAPTER_KEY: a})
     return mark_trainable(params, cfg.modules_to_save) if cfg.modules_to_save else params
 
@@ -181,9 +145,9 @@ def mark_trainable(params: PyTree, modules: str | Sequence[str]) -> dict:
 
     Same rule forms as ``targets``; a rule matching no module is an error. Usable alone for head-only training.
     """
-    params = _to_dict(params)
+    params = to_dict(params)
     paths = [p for p, _ in iter_modules(params) if p]
-    _check_rule(modules, paths, "modules_to_save")
+    check_rule(modules, paths, "modules_to_save")
     for path in paths:
         if rule_matches(modules, path):
             if is_module(get_at(params, path).get(ADAPTER_KEY)):
@@ -195,12 +159,6 @@ def mark_trainable(params: PyTree, modules: str | Sequence[str]) -> dict:
                                  "leave it out of jgoat.quantize_nf4 (exclude=...) to train it")
             params = replace_at(params, path, lambda m: {**m, ADAPTER_KEY: TrainModule()})
     return params
-
-
-def _to_dict(tree: PyTree) -> PyTree:
-    if isinstance(tree, Mapping):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
 
 
 def adapter_names(tree: PyTree) -> tuple[str, ...]:
@@ -258,7 +216,7 @@ def add_adapter(tree: PyTree, source: PyTree, *, name: str) -> dict:
     Example:
       >>> multi = jgoat.add_adapter(multi, jgoat.import_peft(params, "peft_dir"), name="from_peft")
     """
-    tree, source = _to_dict(tree), _to_dict(source)
+    tree, source = to_dict(tree), to_dict(source)
     _check_new_name(tree, name)
     if slot_names(source):
         raise ValueError(f"source holds named adapters {slot_names(source)}: pass jgoat.select_adapter(source, n)")
@@ -433,7 +391,7 @@ def _map_kernels(tree: PyTree, fn_name: str, layouts) -> PyTree:
             raise ValueError(f"'{path_str(path)}' has an NF4-quantised base kernel: merging into NF4 is inexact (the "
                              "merged weight would have to be re-quantised). Dequantise first: "
                              "jgoat.merge(jgoat.dequantize_tree(params))")
-        stack, n_in, n_out = _layout_for(path, kernel, layouts).split(kernel.shape)
+        stack, n_in, n_out = layout_for(path, kernel, layouts).split(kernel.shape)
         fn = getattr(type(adapter), fn_name)
         for _ in stack:
             fn = jax.vmap(fn)

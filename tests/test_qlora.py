@@ -25,7 +25,7 @@ from toys import ScannedMLP, low_rank_teacher
 
 import jgoat
 from jgoat import quant
-from jgoat._tree import get_at
+from jgoat.core import get_at
 
 # METHODS.md, "QLoRA's NF4": the 16 code values.
 NF4_METHODS = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

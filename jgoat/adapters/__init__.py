@@ -1,11 +1,12 @@
-"""Adapter methods: one module per family, each a pure `init` plus a pytree node with `forward` (and `merge`)."""
+"""Adapter methods: one module per family, each a pure `init` plus a pytree node with `forward` (and `merge`).
+
+Adapters import only :mod:`jgoat.core` (and :mod:`jgoat.hooks` for the graph-changing methods); what needs the
+whole tree, a loss or a checkpoint (GoRA's gradients and rank allocation) lives above them in :mod:`jgoat.grad_init`.
+"""
 
 from __future__ import annotations
 
-from flax import struct
-
 from jgoat.adapters import dora, goat, ia3, kasa, lora, lori
-from jgoat.adapters.base import AdapterConfig
 from jgoat.adapters.dora import DoraAdapter
 from jgoat.adapters.goat import GoatAdapter, GoatConfig, MoLoraConfig
 from jgoat.adapters.gora import GoraAdapter, GoraConfig
@@ -13,12 +14,7 @@ from jgoat.adapters.ia3 import IA3Adapter, IA3Config, IA3LayerConfig
 from jgoat.adapters.kasa import KasaAdapter, KasaConfig, regularizer
 from jgoat.adapters.lora import LoraAdapter, LoraConfig
 from jgoat.adapters.lori import LoriAdapter, LoriConfig, lori_concat, lori_masks, lori_sparse
-
-
-@struct.dataclass
-class TrainModule:
-    """Marker placed beside the params of a `modules_to_save` module: all of that module's params are trainable."""
-
+from jgoat.core import AdapterConfig, TrainModule
 
 ADAPTER_TYPES = (LoraAdapter, DoraAdapter, GoatAdapter, IA3Adapter, KasaAdapter, LoriAdapter, GoraAdapter)
 

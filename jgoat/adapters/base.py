@@ -1,4 +1,5 @@
-"""What every adapter method shares: target selection knobs, the layer view handed to `init`, and small math.
+"""What every adapter method shares: the layer view handed to `init`, the additive merge, and small math (the
+targeting knobs, `AdapterConfig`, live in :mod:`jgoat.core`).
 
 An adapter method is a module in `jgoat/adapters/` exposing
   * a frozen config dataclass (subclass of `AdapterConfig`) that validates on construction,
@@ -13,54 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jgoat.core import HEAD_NAMES, AdapterConfig
+
 Array = jax.Array
-
-# Module names treated as output heads: excluded from "all-linear" unless named explicitly.
-HEAD_NAMES: tuple[str, ...] = ("lm_head", "classifier", "score", "head", "heads", "qa_outputs")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AdapterConfig:
-    """Targeting knobs shared by every method.
-
-    Attributes:
-      targets: which linear modules get an adapter. A string is a regular expression that must match a whole
-        '/'-joined module path (e.g. ``r".*/(query|value)"``); a list/tuple of names matches modules whose last
-        path component (or '/'-joined path suffix) equals one of them (HF PEFT's ``target_modules`` semantics);
-        ``"all-linear"`` selects every linear kernel except output heads (see ``HEAD_NAMES``) and convolutions.
-      exclude: same forms as ``targets`` (without "all-linear"); removes modules from the selection.
-      modules_to_save: modules (same forms) whose own parameters become fully trainable, e.g. a new classifier.
-      dropout: adapter dropout on the adapter input only (active when a 'dropout' rng is passed to apply).
-    """
-
-    targets: str | Sequence[str] = "all-linear"
-    exclude: str | Sequence[str] = ()
-    modules_to_save: str | Sequence[str] = ()
-    dropout: float = 0.0
-
-    method: ClassVar[str] = "base"
-
-    def __post_init__(self):
-        for name in ("targets", "exclude", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, list):  # keep configs hashable
-                object.__setattr__(self, name, tuple(value))
-            value = getattr(self, name)
-            if not isinstance(value, str) and not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{name} must be a regex string or a sequence of module names, got {value!r}")
-        if self.targets == "" or self.targets == ():
-            raise ValueError("targets is empty: give a regex, a list of module names, or 'all-linear'")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def check_layer(self, path: str, in_features: int, out_features: int) -> None:
-        """Raise a ValueError if this config cannot adapt a layer of this shape."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,3 +80,7 @@ def low_rank(x_TxI: Array, a_IxR: Array, b_RxO: Array) -> Array:
 
 def describe(value: Any) -> str:
     return repr(value) if not isinstance(value, str) else f"'{value}'"
+
+
+__all__ = ["HEAD_NAMES", "AdapterConfig", "AdditiveMerge", "Array", "Context", "describe", "dropout", "kaiming_uniform",
+           "low_rank", "svd_torch_layout"]

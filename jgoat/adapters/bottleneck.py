@@ -24,8 +24,9 @@ Where the adapter sits (x is the sub-layer's input, i.e. its residual):
     jgoat keeps METHODS.md's ``a(h)`` for both placements, as on BERT (where AdapterHub's Pfeiffer reads
     ``LN(x + h)``), so the two placements differ only in sites and φ.
 
-The adapter changes the model graph, so it is read by explicit hook points of jgoat's own models (``apply_hook``,
-called by those sub-layers on their output). Its params sit beside the frozen base in that sub-layer's dict::
+The adapter changes the model graph, so it is read by explicit hook points of jgoat's own models
+(:func:`jgoat.hooks.bottleneck_output`, called by those sub-layers on their output). Its params sit beside the
+frozen base in that sub-layer's dict::
 
     .../attention/output/jgoat_bottleneck/{swish|relu}/{down_kernel [D, r], down_bias [r], up_kernel [r, D], up_bias}
     model/layers/{self_attn|mlp}/jgoat_bottleneck/{swish|relu}/{...}    decoder, scanned: [L, ...] leaves
@@ -49,10 +50,20 @@ import jax
 import jax.numpy as jnp
 
 from jgoat.adapters.prompt import require_hooks
+from jgoat.core import ADAPTER_KEY, TrainModule
+from jgoat.hooks import BOTTLENECK_ACTIVATIONS as ACTIVATIONS
+from jgoat.hooks import (
+    BOTTLENECK_KEY,
+    DECODER,
+    ENCODER,
+    DecoderSizes,
+    EncoderSizes,
+    bottleneck_delta,
+    hook_layout,
+)
+from jgoat.hooks import bottleneck_output as apply_hook
 
-BOTTLENECK_KEY = "jgoat_bottleneck"
 PLACEMENTS = {"houlsby": "swish", "pfeiffer": "relu"}
-ACTIVATIONS = {"swish": jax.nn.silu, "relu": jax.nn.relu}
 INIT_STD = 1e-2
 # Sites (paths inside one layer's params) of each placement, in the order j of their keys.
 ENCODER_SITES = {"houlsby": (("attention", "output"), ("output",)), "pfeiffer": (("output",),)}
@@ -108,33 +119,6 @@ def init_site(key: jax.Array, site: int, *, n_layers: int, hidden: int, bottlene
     return jax.vmap(lambda k: init_node(k, hidden, bottleneck))(keys)
 
 
-def bottleneck_delta(node: Mapping[str, jax.Array], h_BxTxD: jax.Array, activation: str) -> jax.Array:
-    """``a(h) = φ(h Down + b_down) Up + b_up`` in float32, returned in h's dtype."""
-    h32 = h_BxTxD.astype(jnp.float32)
-    lead = (1,) * (h32.ndim - 1)  # explicit broadcasting of the biases over the token dims
-
-    def bias(name):
-        return node[name].astype(jnp.float32).reshape(*lead, -1)
-
-    z = ACTIVATIONS[activation](h32 @ node["down_kernel"].astype(jnp.float32) + bias("down_bias"))
-    a = z @ node["up_kernel"].astype(jnp.float32) + bias("up_bias")
-    return a.astype(h_BxTxD.dtype)
-
-
-def apply_hook(module: Any, h_BxTxD: jax.Array) -> jax.Array:
-    """Hook point of a sub-layer's output (BERT's ``BertSelfOutput``, the decoder's ``self_attn`` / ``mlp``):
-    ``h + a(h)`` when the module's params hold an adapter, else h."""
-    if not module.has_variable("params", BOTTLENECK_KEY):
-        return h_BxTxD
-    entry = module.get_variable("params", BOTTLENECK_KEY)
-    for activation, node in entry.items():
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{BOTTLENECK_KEY} at '{'/'.join(module.path)}' has unknown activation {activation!r}; "
-                             f"known: {sorted(ACTIVATIONS)}")
-        h_BxTxD = h_BxTxD + bottleneck_delta(node, h_BxTxD, activation)
-    return h_BxTxD
-
-
 def _placed(module: Mapping, site: tuple[str, ...], entry: dict, where: str) -> dict:
     """A copy of ``module`` with ``entry`` at ``site/jgoat_bottleneck`` (dicts on the way copied, leaves shared)."""
     if site:
@@ -146,12 +130,10 @@ def _placed(module: Mapping, site: tuple[str, ...], entry: dict, where: str) -> 
 
 
 def _entry(cfg: BottleneckConfig, node: dict) -> dict:
-    from jgoat.adapters import TrainModule  # lazy: jgoat.adapters imports this module
-
-    return {cfg.activation: {**node, "jgoat": TrainModule()}}
+    return {cfg.activation: {**node, ADAPTER_KEY: TrainModule()}}
 
 
-def _encoder(params: Mapping, model_config: Any) -> tuple[tuple[str, ...], Mapping]:
+def _encoder(params: Mapping, model_config: EncoderSizes) -> tuple[tuple[str, ...], Mapping]:
     prefix = model_config.base_model_prefix
     if isinstance(params.get(prefix), Mapping) and "encoder" in params[prefix]:
         return (prefix, "encoder"), params[prefix]["encoder"]
@@ -164,7 +146,7 @@ def _encoder(params: Mapping, model_config: Any) -> tuple[tuple[str, ...], Mappi
     )
 
 
-def _add_encoder(params: Mapping, model_config: Any, cfg: BottleneckConfig, key: jax.Array) -> dict:
+def _add_encoder(params: Mapping, model_config: EncoderSizes, cfg: BottleneckConfig, key: jax.Array) -> dict:
     path, encoder = _encoder(params, model_config)
     r = cfg.bottleneck_size(model_config.hidden_size)
     L = model_config.num_hidden_layers
@@ -186,7 +168,7 @@ def _add_encoder(params: Mapping, model_config: Any, cfg: BottleneckConfig, key:
     return out
 
 
-def _decoder_layer_names(params: Mapping, model_config: Any) -> tuple[str, ...]:
+def _decoder_layer_names(params: Mapping, model_config: DecoderSizes) -> tuple[str, ...]:
     """``("layers",)`` for scanned decoder params (leaves ``[L, ...]``), ``("layers_0", ...)`` for unrolled ones."""
     model = params.get("model")
     L = model_config.num_hidden_layers
@@ -205,7 +187,7 @@ def _decoder_layer_names(params: Mapping, model_config: Any) -> tuple[str, ...]:
     )
 
 
-def _add_decoder(params: Mapping, model_config: Any, cfg: BottleneckConfig, key: jax.Array) -> dict:
+def _add_decoder(params: Mapping, model_config: DecoderSizes, cfg: BottleneckConfig, key: jax.Array) -> dict:
     names = _decoder_layer_names(params, model_config)
     model = dict(params["model"])
     D, L = model_config.hidden_size, model_config.num_hidden_layers
@@ -221,14 +203,15 @@ def _add_decoder(params: Mapping, model_config: Any, cfg: BottleneckConfig, key:
     return {**params, "model": model}
 
 
-def add_bottleneck(params: Mapping, model_config: Any, cfg: BottleneckConfig, *, key: jax.Array,
+def add_bottleneck(params: Mapping, model_config: EncoderSizes | DecoderSizes, cfg: BottleneckConfig, *, key: jax.Array,
                    model: Any = None) -> dict:
     """Add bottleneck adapters to the params of a jgoat BERT / RoBERTa or Llama / Mistral / Qwen2.
 
     Args:
       params: the 'params' collection (possibly LoRA-wrapped already) of a ``BertModel`` / classifier, or of a
         ``LlamaForCausalLM`` / ``LlamaModel`` (scanned ``model/layers`` or unrolled ``model/layers_{i}``).
-      model_config: its :class:`jgoat.models.BertConfig` or :class:`jgoat.models.LlamaConfig`.
+      model_config: its :class:`jgoat.models.BertConfig` or :class:`jgoat.models.LlamaConfig` (any config with
+        ``hook_layout`` and the sizes of :class:`jgoat.hooks.EncoderSizes` / :class:`jgoat.hooks.DecoderSizes`).
       cfg: the adapter config.
       key: PRNG key (layer i's adapter at site j is drawn from ``fold_in(key, 2 i + j)``).
       model: optional: the model, checked to have the "bottleneck" hook point.
@@ -244,16 +227,29 @@ def add_bottleneck(params: Mapping, model_config: Any, cfg: BottleneckConfig, *,
       params = jgoat.add_bottleneck(params, config, jgoat.BottleneckConfig(16, "pfeiffer"), key=key)
       trainable, frozen = jgoat.split(params)
     """
-    from jgoat.models.bert import BertConfig
-    from jgoat.models.llama import LlamaConfig
-
     if model is not None:
         require_hooks(params, "bottleneck", model)
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be a dict (the 'params' collection), got {type(params).__name__}")
-    if isinstance(model_config, BertConfig):
+    if hook_layout(model_config) == ENCODER:
         return _add_encoder(params, model_config, cfg, key)
-    if isinstance(model_config, LlamaConfig):
+    if hook_layout(model_config) == DECODER:
         return _add_decoder(params, model_config, cfg, key)
     raise ValueError(f"bottleneck adapters need a jgoat BertConfig or LlamaConfig (the hook points of jgoat's "
                      f"encoder and decoder), got {type(model_config).__name__}; jgoat's other models have none")
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "BOTTLENECK_KEY",
+    "DECODER_SITES",
+    "ENCODER_SITES",
+    "INIT_STD",
+    "PLACEMENTS",
+    "BottleneckConfig",
+    "add_bottleneck",
+    "apply_hook",
+    "bottleneck_delta",
+    "init_node",
+    "init_site",
+]

@@ -1,7 +1,8 @@
 """GoRA (He et al., NeurIPS 2025, "Gradient-driven Adaptive Low Rank Adaptation"; official code: MyTransformers
 ``common/lora_modules/gora.py``): per-layer ranks and a B init derived from the base model's accumulated gradient.
 
-Pipeline (Flax layout: kernel W [in, out], A [in, r], B [r, out]):
+Pipeline (Flax layout: kernel W [in, out], A [in, r], B [r, out]); this module holds the per-layer config, node,
+init and rank rule, :mod:`jgoat.grad_init` the steps that need a loss or the whole tree (``jgoat.gora_*``):
 
   1. ``gora_gradients``: Ḡ_l = (1/N) Σ_batches ∂loss/∂W_l, differentiating ONLY the targeted kernels (every other
      weight is a constant of the differentiated function), accumulated in fp32 inside one jitted, donating step.
@@ -48,10 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -59,7 +58,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jgoat._tree import ADAPTER_KEY, get_at, iter_modules, path_str, replace_at
 from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, low_rank
 
 PyTree = Any
@@ -201,9 +199,9 @@ def _stack_factors(grads_NxIxO: Array | None, keys_N: Array, ranks_N: Array, coe
     return jax.vmap(fn)(grads_NxIxO, keys_N, ranks_N, coefs_N)
 
 
-def _nodes(cfg: GoraConfig, grads_NxIxO: Array | None, keys_N: Array, ranks: Sequence[int], n_in: int, n_out: int,
-           r_pad: int) -> GoraAdapter:
-    """The adapters of N layers stacked along a leading axis [N, ...]."""
+def stacked_nodes(cfg: GoraConfig, grads_NxIxO: Array | None, keys_N: Array, ranks: Sequence[int], n_in: int,
+                  n_out: int, r_pad: int) -> GoraAdapter:
+    """The adapters of N layers stacked along a leading axis [N, ...]: per-layer `ranks`, B = 0 without grads."""
     coefs = np.asarray([cfg.init_coef(r, n_in) for r in ranks], np.float32)
     scales = np.asarray([cfg.scale_for(r) for r in ranks], np.float32)
     ranks_N = np.asarray(ranks, np.int32)
@@ -220,110 +218,11 @@ def init(cfg: GoraConfig, kernel_IxO: Array, key: Array, *, grad_IxO: Array | No
         raise ValueError(f"rank {rank} must be in [1, min(r_pad={r_pad}, in={n_in}, out={n_out})]")
     if grad_IxO is not None and tuple(grad_IxO.shape) != (n_in, n_out):
         raise ValueError(f"gradient shape {tuple(grad_IxO.shape)} != kernel shape {(n_in, n_out)}")
-    node = _nodes(cfg, None if grad_IxO is None else grad_IxO[None], key[None], [rank], n_in, n_out, r_pad)
+    node = stacked_nodes(cfg, None if grad_IxO is None else grad_IxO[None], key[None], [rank], n_in, n_out, r_pad)
     return jax.tree.map(lambda x: x[0], node)
 
 
-# --------------------------------------------------------------------------------------------------- gradients
-
-
-def _select(params: Mapping, targets, layouts) -> tuple[dict, list[tuple[str, ...]]]:
-    from jgoat.wrap import _to_dict, select_targets  # noqa: PLC0415 (jgoat.wrap imports jgoat.adapters)
-
-    cfg = targets if isinstance(targets, AdapterConfig) else AdapterConfig(targets=targets)
-    params = _to_dict(params)
-    return params, select_targets(params, cfg, layouts)
-
-
-def _geometry(params: Mapping, paths, layouts) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    from jgoat.wrap import _layout_for  # noqa: PLC0415
-
-    out = {}
-    for p in paths:
-        kernel = get_at(params, p)["kernel"]
-        out[path_str(p)] = _layout_for(p, kernel, layouts).split(kernel.shape)
-    return out
-
-
-def _loss_value(out):
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def _accumulate(acc: dict, params: dict, batch, *, paths, geometry, loss_fn):
-    """acc + ∂loss/∂(targeted kernels) in fp32; all other params are constants of the differentiated function."""
-    names = [path_str(p) for p in paths]
-
-    def loss_of(kernels):
-        full = params
-        for p, name in zip(paths, names, strict=True):
-            full = replace_at(full, p, lambda m, k=kernels[name]: {**m, "kernel": k})
-        return _loss_value(loss_fn(full, batch))
-
-    kernels = {name: get_at(params, p)["kernel"] for p, name in zip(paths, names, strict=True)}
-    loss, grads = jax.value_and_grad(loss_of)(kernels)
-    new = {}
-    for name in names:
-        stack, n_in, n_out = geometry[name]
-        new[name] = acc[name] + grads[name].astype(jnp.float32).reshape(*stack, n_in, n_out)
-    return new, loss
-
-
-def gora_gradients(params: PyTree, loss_fn, batches: Iterable, *, targets, layouts=None,
-                   n_batches: int | None = None, progress: bool = True) -> dict[str, Array]:
-    """Ḡ: the gradient of the loss w.r.t. each targeted kernel, averaged over batches (GoRA step 1).
-
-    Only the targeted kernels are differentiated (a tree holding just them; every other weight is a constant of the
-    differentiated function, so no other gradient is formed). The sum lives in ONE fp32 accumulator the size of the
-    targeted kernels, updated in place by a jitted step that donates it; the params are passed in, never copied.
-
-    Args:
-      params: the base ``params`` collection (no adapters needed).
-      loss_fn: ``loss_fn(params, batch) -> loss`` (a tuple's first element is used, e.g. (loss, aux)).
-      batches: an iterable of batches (the scripts use N = 32).
-      targets: a config (``GoraConfig``; its targets/exclude are used) or a targets rule (regex, list of names,
-        "all-linear").
-      layouts: optional ``jgoat.probe`` layouts for DenseGeneral/Einsum kernels.
-      n_batches: stop after this many batches (default: all of `batches`).
-      progress: show a tqdm bar over the batches.
-
-    Returns:
-      {module path: Ḡ float32 [*stack, in, out]}, exactly the targeted modules.
-    """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    params, paths = _select(params, targets, layouts)
-    geometry = _geometry(params, paths, layouts)
-    acc = {name: jnp.zeros((*stack, n_in, n_out), jnp.float32) for name, (stack, n_in, n_out) in geometry.items()}
-    step = jax.jit(functools.partial(_accumulate, paths=tuple(paths), geometry=geometry, loss_fn=loss_fn),
-                   donate_argnums=0)
-    total = len(batches) if hasattr(batches, "__len__") else None
-    total = n_batches if total is None else (total if n_batches is None else min(total, n_batches))
-    count = 0
-    source = batches if n_batches is None else itertools.islice(batches, n_batches)
-    bar = tqdm(source, total=total, desc="GoRA gradients", disable=not progress, dynamic_ncols=True)
-    for batch in bar:
-        acc, loss = step(acc, params, batch)
-        count += 1
-        if progress:
-            bar.set_postfix(loss=f"{float(loss):.4g}")
-    bar.close()
-    if count == 0:
-        raise ValueError("gora_gradients got no batch: pass at least one (the GoRA scripts use 32)")
-    return {name: g / np.float32(count) for name, g in acc.items()}
-
-
 # --------------------------------------------------------------------------------------------------- ranks
-
-
-def gora_importance(params: PyTree, grads: Mapping[str, Array]) -> dict[str, np.ndarray]:
-    """I_l = mean(|W_l ⊙ Ḡ_l|) in fp32 for every layer: {path: float32 [*stack]} (stacked layers separately)."""
-    out = {}
-    for name, g in grads.items():
-        kernel = get_at(params, tuple(name.split("/")))["kernel"]
-        g = jnp.asarray(g, jnp.float32)
-        w = jnp.reshape(kernel, g.shape).astype(jnp.float32)
-        out[name] = np.asarray(jnp.mean(jnp.abs(w * g), axis=(-2, -1)))
-    return out
 
 
 def allocate_ranks(importance: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]],
@@ -358,125 +257,10 @@ def allocate_ranks(importance: Mapping[str, Any], shapes: Mapping[str, tuple[int
     return out
 
 
-def gora_allocate(params: PyTree, cfg: GoraConfig, grads: Mapping[str, Array]) -> dict[str, np.ndarray]:
-    """GoRA step 2: {path: int64 ranks [*stack]} from the accumulated gradients (``gora_gradients``)."""
-    shapes = {name: tuple(int(d) for d in np.shape(g)[-2:]) for name, g in grads.items()}
-    return allocate_ranks(gora_importance(params, grads), shapes, cfg)
-
-
-# --------------------------------------------------------------------------------------------------- wrap / ranks
-
-
-def _check_keys(given: Mapping, names: list[str], what: str) -> None:
-    missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
-    if missing or extra:
-        raise ValueError(f"{what} do not match the targeted modules: missing {missing[:4]}, unknown {extra[:4]} "
-                         "(use the same targets as for gora_gradients)")
-
-
-def gora_wrap(params: PyTree, cfg: GoraConfig, grads: Mapping[str, Array] | None = None, *, key: jax.Array,
-              ranks: Mapping[str, Any] | None = None, layouts=None) -> dict:
-    """Add a GoRA adapter beside every targeted kernel (GoRA steps 2–3); the base is unchanged.
-
-    Args:
-      params: the base ``params`` collection.
-      cfg: a ``GoraConfig``.
-      grads: {path: Ḡ [*stack, in, out]} from ``gora_gradients`` with the same targets. None builds a shape template
-        (A kaiming, B = 0) for ``jgoat.restore`` and then requires `ranks`.
-      key: PRNG key for A (per module ``fold_in(key, crc32(path))``, split over stacked layers, as ``jgoat.wrap``).
-      ranks: {path: int ranks [*stack]} to use instead of allocating them from `grads`, e.g. ``gora_ranks(ckpt_dir)``.
-      layouts: optional ``jgoat.probe`` layouts.
-
-    Returns:
-      The wrapped tree: ``.../kernel`` plus ``jgoat: GoraAdapter(A [*L, in, r_pad], B [*L, r_pad, out], rank [*L],
-      scale [*L])``, r_pad = the module's largest rank.
-
-    Example:
-      >>> wrapped = jgoat.gora_wrap(params, cfg, jgoat.gora_gradients(params, loss_fn, batches, targets=cfg), key=key)
-      >>> template = jgoat.gora_wrap(params, cfg, key=key, ranks=jgoat.gora_ranks(ckpt_dir))   # reload
-      >>> tree, _, _ = jgoat.restore(ckpt_dir, template)
-    """
-    from jgoat.wrap import _module_key, mark_trainable  # noqa: PLC0415
-
-    if not isinstance(cfg, GoraConfig):
-        raise TypeError(f"gora_wrap needs a jgoat.GoraConfig, got {type(cfg).__name__}")
-    if grads is None and ranks is None:
-        raise ValueError("gora_wrap needs the accumulated gradients (jgoat.gora_gradients) or, to rebuild a "
-                         "checkpoint's shapes, ranks=jgoat.gora_ranks(checkpoint_dir)")
-    params, paths = _select(params, cfg, layouts)
-    geometry = _geometry(params, paths, layouts)
-    names = list(geometry)
-    if grads is not None:
-        _check_keys(grads, names, "grads")
-        for name, (stack, n_in, n_out) in geometry.items():
-            if tuple(np.shape(grads[name])) != (*stack, n_in, n_out):
-                raise ValueError(f"grads['{name}'] has shape {tuple(np.shape(grads[name]))}, expected "
-                                 f"{(*stack, n_in, n_out)} ([*stack, in, out])")
-    if ranks is None:
-        ranks = gora_allocate(params, cfg, grads)
-    _check_keys(ranks, names, "ranks")
-    for p, name in zip(paths, names, strict=True):
-        stack, n_in, n_out = geometry[name]
-        r = np.asarray(ranks[name])
-        if r.shape != stack or not np.issubdtype(r.dtype, np.integer):
-            raise ValueError(f"ranks['{name}'] must be integers of shape {stack} (one per stacked layer), got "
-                             f"{r.dtype} {r.shape}")
-        if r.min() < 1 or r.max() > min(n_in, n_out):
-            raise ValueError(f"ranks['{name}'] must lie in [1, min(in, out) = {min(n_in, n_out)}], got "
-                             f"[{r.min()}, {r.max()}]")
-        r_pad = int(r.max())
-        n_layers = int(np.prod(stack, dtype=int))
-        module_key = _module_key(key, p)
-        keys = jax.random.split(module_key, n_layers) if stack else module_key[None]
-        g = None if grads is None else jnp.reshape(jnp.asarray(grads[name], jnp.float32), (n_layers, n_in, n_out))
-        node = _nodes(cfg, g, keys, r.reshape(-1).tolist(), n_in, n_out, r_pad)
-        node = jax.tree.map(lambda x, s=stack: x.reshape(*s, *x.shape[1:]), node)
-        params = replace_at(params, p, lambda m, a=node: {**m, ADAPTER_KEY: a})
-    return mark_trainable(params, cfg.modules_to_save) if cfg.modules_to_save else params
-
-
-def gora_ranks(source: PyTree | str | os.PathLike, *, step: int | None = None) -> dict[str, np.ndarray]:
-    """The recorded per-layer ranks {path: int64 [*stack]} of a GoRA tree, or of a checkpoint directory.
-
-    A directory is read without any template (only its adapter arrays are loaded): pass the result as
-    ``gora_wrap(params, cfg, key=key, ranks=...)`` to rebuild the shapes ``jgoat.restore`` needs. ``.tolist()`` of
-    each value is JSON-ready.
-    """
-    if isinstance(source, str | os.PathLike):
-        return _checkpoint_ranks(source, step)
-    found = {path_str(p): np.asarray(m[ADAPTER_KEY].rank).astype(np.int64) for p, m in iter_modules(source)
-             if isinstance(m.get(ADAPTER_KEY), GoraAdapter)}
-    if not found:
-        raise ValueError("the tree holds no GoRA adapter: build it with jgoat.gora_wrap")
-    return found
-
-
-def _checkpoint_ranks(directory: str | os.PathLike, step: int | None) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    from jgoat.checkpoint import _manager  # noqa: PLC0415 (jgoat.checkpoint imports jgoat.adapters)
-
-    with _manager(directory, None) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
-        record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-        suffix = f"/{ADAPTER_KEY}/rank"
-        wanted = {i: p[: -len(suffix)] for i, p in enumerate(record["adapter_paths"]) if p.endswith(suffix)}
-        if not wanted:
-            raise ValueError(f"checkpoint {directory} (step {step}) holds no GoRA adapter (no '*{suffix}' leaf)")
-        arrays = mngr.restore(step, args=ocp.args.Composite(adapter=ocp.args.StandardRestore()))["adapter"]
-    return {path: np.asarray(arrays[f"a{i:05d}"]).astype(np.int64) for i, path in wanted.items()}
-
-
 __all__: Sequence[str] = [
     "GoraAdapter",
     "GoraConfig",
     "allocate_ranks",
-    "gora_allocate",
-    "gora_gradients",
-    "gora_importance",
-    "gora_ranks",
-    "gora_wrap",
     "init",
+    "stacked_nodes",
 ]

@@ -21,8 +21,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 from flax import struct
 
-from jgoat._tree import rule_matches
 from jgoat.adapters.base import AdapterConfig, Array, Context
+from jgoat.core import rule_matches
 
 # peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for Llama and Mistral:
 # the attention keys and values are scaled on their output, the MLP down projection on its input. (peft's Qwen2

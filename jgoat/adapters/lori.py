@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jgoat._tree import ADAPTER_KEY, iter_modules, path_str, replace_at
 from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, low_rank
 from jgoat.adapters.lora import LoraAdapter
+from jgoat.core import ADAPTER_KEY, fingerprint, iter_modules, path_str, replace_at
 
 PyTree = Any
 
@@ -206,8 +206,6 @@ def lori_concat(trees: Sequence[PyTree], weights: Sequence[float] | None = None)
         if set(f) != set(found[0]):
             diff = sorted(set(f) ^ set(found[0]))[:4]
             raise ValueError(f"tree {i} has LoRI adapters at other modules than tree 0 (differing: {diff})")
-    from jgoat.checkpoint import fingerprint  # noqa: PLC0415 (jgoat.checkpoint imports jgoat.adapters)
-
     prints = {fingerprint(t) for t in trees}
     if len(prints) > 1:
         raise ValueError("the trees were wrapped on different base weights; concatenated adapters need one base")

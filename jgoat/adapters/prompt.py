@@ -1,8 +1,8 @@
 """Prompt tuning and prefix tuning (HF PEFT ``PromptTuningConfig`` / ``PrefixTuningConfig``) for jgoat's decoders.
 
 Both change the model graph, so they are read by explicit hook points of jgoat's own Llama / Mistral / Qwen2
-(:class:`jgoat.models.LlamaModel`), never by the linear interceptor. The new, trainable leaves live in the params tree
-beside the frozen base, under the decoder's ``model`` dict::
+(:class:`jgoat.models.LlamaModel`, via :mod:`jgoat.hooks`), never by the linear interceptor. The new, trainable
+leaves live in the params tree beside the frozen base, under the decoder's ``model`` dict::
 
     model/jgoat_prompt/embedding  [p, D]                      prompt tuning: virtual-token embeddings
     model/jgoat_prefix/embedding  [p, L*2*K*H]                prefix tuning without reparameterisation
@@ -33,8 +33,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-PROMPT_KEY = "jgoat_prompt"
-PREFIX_KEY = "jgoat_prefix"
+from jgoat.core import ADAPTER_KEY, TrainModule
+from jgoat.hooks import (
+    DECODER,
+    PREFIX_KEY,
+    PROMPT_KEY,
+    DecoderSizes,
+    hook_layout,
+    num_virtual_tokens,
+    prefix_key_values,
+)
+from jgoat.hooks import prompt_and_prefix as read_hooks
+
 PROMPT_INITS = ("random", "sample_vocab", "text")
 
 
@@ -89,12 +99,6 @@ class PrefixTuningConfig:
                 raise ValueError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
 
 
-def _train_marker():
-    from jgoat.adapters import TrainModule  # lazy: jgoat.adapters imports this package's siblings
-
-    return TrainModule()
-
-
 def require_hooks(params: Any, hook: str, model: Any = None) -> None:
     """Raise a ValueError unless ``params`` (and ``model``, if given) belong to a jgoat model with ``hook``.
 
@@ -129,7 +133,7 @@ def require_hooks(params: Any, hook: str, model: Any = None) -> None:
 
 def _with_model_entry(params: Mapping, name: str, node: dict) -> dict:
     params = dict(params)
-    params["model"] = {**params["model"], name: {**node, "jgoat": _train_marker()}}
+    params["model"] = {**params["model"], name: {**node, ADAPTER_KEY: TrainModule()}}
     return params
 
 
@@ -175,11 +179,7 @@ def add_prompt(params: Mapping, cfg: PromptTuningConfig, *, key: jax.Array, toke
     return _with_model_entry(params, PROMPT_KEY, {"embedding": prompt_PxD})
 
 
-def _kv_dim(model_config) -> tuple[int, int, int]:
-    return model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim
-
-
-def add_prefix(params: Mapping, model_config: Any, cfg: PrefixTuningConfig, *, key: jax.Array,
+def add_prefix(params: Mapping, model_config: DecoderSizes, cfg: PrefixTuningConfig, *, key: jax.Array,
                model: Any = None) -> dict:
     """Add trainable per-layer key/value prefixes ``model/jgoat_prefix/...`` (float32) to decoder params.
 
@@ -187,7 +187,8 @@ def add_prefix(params: Mapping, model_config: Any, cfg: PrefixTuningConfig, *, k
 
     Args:
       params: the 'params' collection of a jgoat decoder.
-      model_config: its :class:`jgoat.models.LlamaConfig` (layers, kv heads, head size).
+      model_config: its :class:`jgoat.models.LlamaConfig`, or any config with the decoder sizes
+        (:class:`jgoat.hooks.DecoderSizes`: layers, kv heads, head size).
       cfg: the prefix-tuning config.
       key: PRNG key.
       model: optional: the model, checked to have the "prefix" hook point.
@@ -196,13 +197,11 @@ def add_prefix(params: Mapping, model_config: Any, cfg: PrefixTuningConfig, *, k
 
       params = jgoat.add_prefix(params, config, jgoat.PrefixTuningConfig(10, prefix_projection=True), key=key)
     """
-    from jgoat.models.llama import LlamaConfig
-
     require_hooks(params, "prefix", model)
-    if not isinstance(model_config, LlamaConfig):
+    if hook_layout(model_config) != DECODER:
         raise ValueError(f"prefix tuning needs a jgoat LlamaConfig (the decoder's hook points), got "
                          f"{type(model_config).__name__}")
-    L, K, H = _kv_dim(model_config)
+    L, K, H = model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim
     d_kv, p = K * H, cfg.num_virtual_tokens
     out_dim = L * 2 * d_kv
     if not cfg.prefix_projection:
@@ -225,39 +224,16 @@ def add_prefix(params: Mapping, model_config: Any, cfg: PrefixTuningConfig, *, k
     return _with_model_entry(params, PREFIX_KEY, node)
 
 
-def prefix_key_values(node: Mapping, model_config: Any) -> jax.Array:
-    """The prefix keys and values ``[L, 2, p, K, H]`` (float32) of a ``jgoat_prefix`` node.
-
-    peft's layout: the flat ``[p, L·2·K·H]`` matrix is viewed as ``[p, L·2, K, H]``; entry ``2i`` is layer i's keys,
-    ``2i + 1`` its values.
-    """
-    L, K, H = _kv_dim(model_config)
-    f32 = {k: jnp.asarray(v, jnp.float32) for k, v in node.items() if hasattr(v, "shape")}  # jnp math, even eagerly
-    e = f32["embedding"]
-    if "w1" in f32:
-        e = jnp.tanh(e @ f32["w1"] + f32["b1"][None, :])
-        e = e @ f32["w2"] + f32["b2"][None, :]
-    p = e.shape[0]
-    if e.shape[1] != L * 2 * K * H:
-        raise ValueError(f"jgoat_prefix produces {e.shape[1]} values per virtual token, the model needs "
-                         f"L·2·K·H = {L * 2 * K * H}")
-    return e.reshape(p, L, 2, K, H).transpose(1, 2, 0, 3, 4)
-
-
-def num_virtual_tokens(params: Mapping) -> int:
-    """p of the prompt-tuning entry ``model/jgoat_prompt`` of decoder params (0 without prompt tuning)."""
-    model_dict = params.get("model") if isinstance(params, Mapping) else None
-    node = model_dict.get(PROMPT_KEY) if isinstance(model_dict, Mapping) else None
-    return 0 if node is None else int(node["embedding"].shape[0])
-
-
-def read_hooks(module: Any, model_config: Any) -> tuple[jax.Array | None, jax.Array | None]:
-    """Hook point of :class:`jgoat.models.LlamaModel`: (prompt ``[p, D]`` or None, prefix ``[L, 2, p, K, H]`` or None).
-
-    Read from the module's own params (``model/jgoat_prompt``, ``model/jgoat_prefix``); absent entries give None.
-    """
-    prompt = module.get_variable("params", PROMPT_KEY) if module.has_variable("params", PROMPT_KEY) else None
-    prefix = module.get_variable("params", PREFIX_KEY) if module.has_variable("params", PREFIX_KEY) else None
-    prompt_PxD = None if prompt is None else prompt["embedding"]
-    prefix_Lx2xPxKxH = None if prefix is None else prefix_key_values(prefix, model_config)
-    return prompt_PxD, prefix_Lx2xPxKxH
+__all__ = [
+    "PREFIX_KEY",
+    "PROMPT_INITS",
+    "PROMPT_KEY",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "add_prefix",
+    "add_prompt",
+    "num_virtual_tokens",
+    "prefix_key_values",
+    "read_hooks",
+    "require_hooks",
+]

