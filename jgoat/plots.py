@@ -37,7 +37,7 @@ def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None 
     train = [r for r in rows if "task_loss" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     steps = [r["step"] for r in train]
-    fig, axes = plt.subplots(1, 3 + bool(evals), figsize=(13 + 4 * bool(evals), 3.4))
+    fig, axes = plt.subplots(1, 3 + bool(evals), figsize=(13 + 4 * bool(evals), 3.4), layout="constrained")
     for ax, key, title in zip(axes, ("task_loss", "aux", "lr"), ("task loss", "aux loss (GOAT)", "learning rate"),
                               strict=False):
         ax.plot(steps, [r[key] for r in train])
@@ -46,26 +46,29 @@ def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None 
     if evals:
         for key in sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/perplexity"}):
             points = [(r["step"], r[key]) for r in evals if key in r]
-            axes[3].plot(*zip(*points, strict=True), marker="o", label=key.removeprefix("eval/"))
+            line, = axes[3].plot(*zip(*points, strict=True), marker="o", label=key.removeprefix("eval/"))
+            step, value = points[-1]  # the final value written beside its point: readable even with one point
+            axes[3].annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                             color=line.get_color())
+        axes[3].set_xlim(0, max(steps + [r["step"] for r in evals]) * 1.08 or 1)  # a lone point is not at an edge
+        axes[3].margins(y=0.25)
         axes[3].set_title("eval")
         axes[3].set_xlabel("step")
         axes[3].legend()
-    fig.tight_layout()
     written = [run_dir / "training.png"]
-    fig.savefig(written[0], dpi=110)
+    fig.savefig(written[0], dpi=110, bbox_inches="tight")  # nothing cut off: the figure grows to its labels
     plt.close(fig)
     if load:
         names = sorted(load)
         matrix = np.stack([np.asarray(load[n]).reshape(-1, np.shape(load[n])[-1]).mean(axis=0) for n in names])
-        fig, ax = plt.subplots(figsize=(6, 0.25 * len(names) + 1.5))
+        fig, ax = plt.subplots(figsize=(6, 0.25 * len(names) + 1.5), layout="constrained")
         image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0)
         ax.set_yticks(range(len(names)), names, fontsize=6)
         ax.set_xlabel("expert")
         ax.set_title(f"GOAT expert load on the test set (uniform = {1 / matrix.shape[1]:.3f})")
         fig.colorbar(image, ax=ax)
-        fig.tight_layout()
         written.append(run_dir / "expert_load.png")
-        fig.savefig(written[-1], dpi=110)
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")  # long layer names and colour-bar ticks included
         plt.close(fig)
     return written
 
@@ -73,7 +76,7 @@ def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None 
 def plot_results(out_dir: str | pathlib.Path, results: Sequence[Mapping]) -> pathlib.Path:
     """accuracy.png: test accuracy per method, one horizontal bar each (± the "std" key as an error bar, if given)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(results) + 1.2))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(results) + 1.2), layout="constrained")
     names = [r["method"] for r in results][::-1]  # first result on top
     values = [r["test_accuracy"] for r in results][::-1]
     errors = [r.get("std", 0.0) for r in results][::-1]
@@ -82,8 +85,7 @@ def plot_results(out_dir: str | pathlib.Path, results: Sequence[Mapping]) -> pat
         ax.text(value + error + 0.01, y, f"{value:.3f}", va="center", fontsize=8)
     ax.set_xlabel("test accuracy")
     ax.set_xlim(0, 1)
-    fig.tight_layout()
     path = pathlib.Path(out_dir) / "accuracy.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

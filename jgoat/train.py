@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jgoat.errors import JgoatError
 from jgoat.wrap import combine, trainable_mask
 
 PyTree = Any
@@ -142,12 +144,22 @@ def adamw_cosine(
 
 
 def cosine_schedule(learning_rate: float, total_steps: int, *, warmup_ratio: float = 0.03) -> optax.Schedule:
-    """Linear warmup from 0 over round(warmup_ratio · total_steps) steps (at least 1), then cosine decay to 0."""
+    """transformers' ``get_cosine_schedule_with_warmup`` with ``TrainingArguments``' warmup: linear warmup from 0
+    over ``ceil(warmup_ratio · total_steps)`` steps, then a half cosine to 0 at `total_steps` (GOAT's runs use it).
+
+    Args:
+      learning_rate: the peak learning rate.
+      total_steps: optimizer steps.
+      warmup_ratio: fraction of the steps spent warming up, in [0, 1).
+
+    Returns:
+      An optax schedule: step -> learning rate (step 0 is the first update).
+    """
     if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        raise JgoatError(f"total_steps must be > 0, got {total_steps}")
     if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-    warmup = max(int(round(warmup_ratio * total_steps)), 1)
+        raise JgoatError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    warmup = math.ceil(total_steps * warmup_ratio)  # TrainingArguments.get_warmup_steps
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(total_steps, warmup + 1))
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -42,12 +43,18 @@ def tiny_setup(tmp_path_factory):
     return root
 
 
-def run_cli(root, out, *extra, env=None):
-    cmd = [sys.executable, "-m", "jgoat", "train", "--model", str(root / "model"), "--data", str(root / "data.csv"),
-           "--out", str(out), "--steps", "12", "--batch-size", "8", "--max-length", "16", "--test-size", "40",
-           "--save-every", "4", "--method", "goat", "--rank", "8", "--experts", "4", "--adapter-dropout", "0.1",
-           "--no-baseline", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+FAULTS = pathlib.Path(__file__).parent / "faults.py"
+
+
+def run_cli(root, out, *extra, kill=None):
+    """`jgoat train` in a subprocess; kill=(step, hook) installs tests/faults.py's SIGKILL callback."""
+    flags = ["train", "--model", str(root / "model"), "--data", str(root / "data.csv"), "--out", str(out), "--steps",
+             "12", "--batch-size", "8", "--max-length", "16", "--test-size", "40", "--save-every", "4", "--log-every",
+             "3", "--method", "goat", "--rank", "8", "--experts", "4", "--adapter-dropout", "0.1", "--no-baseline",
+             *extra]
+    cmd = [sys.executable, "-m", "jgoat", *flags] if kill is None else \
+        [sys.executable, str(FAULTS), str(kill[0]), kill[1], *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def final_adapters(out):
@@ -61,12 +68,16 @@ def final_adapters(out):
     return step, {k: np.asarray(v) for k, v in restored["adapter"].items()}
 
 
-def test_train_outputs_and_sigkill_resume_is_exact(tiny_setup, tmp_path):
+def metric_rows(out):
+    return [json.loads(line) for line in (out / "goat" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_outputs_and_a_sigkill_loop_resumes_exactly_without_losing_rows(tiny_setup, tmp_path):
     straight = run_cli(tiny_setup, tmp_path / "a")
     assert straight.returncode == 0, straight.stderr[-3000:]
     result = json.loads((tmp_path / "a" / "goat" / "result.json").read_text())
     assert 0.0 <= result["test_accuracy"] <= 1.0
-    rows = [json.loads(line) for line in (tmp_path / "a" / "goat" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path / "a")
     assert [r["step"] for r in rows if "task_loss" in r] == list(range(1, 13))
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [12]  # 261 examples / 8 > 12 steps: no epoch end
     assert rows[-1]["eval/accuracy"] == result["test_accuracy"]
@@ -74,24 +85,65 @@ def test_train_outputs_and_sigkill_resume_is_exact(tiny_setup, tmp_path):
     assert (tmp_path / "a" / "goat" / "expert_load.png").stat().st_size > 0
 
     # Killed with SIGKILL at the start of step 7 (after the step-4 checkpoint): the process dies mid-run.
-    killed = run_cli(tiny_setup, tmp_path / "b", env={"JGOAT_FAULT_KILL_AT_STEP": "6"})
+    b = tmp_path / "b"
+    killed = run_cli(tiny_setup, b, kill=(6, "begin"))
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
-    assert jgoat.latest_step(tmp_path / "b" / "goat" / "checkpoints") == 4
+    assert jgoat.latest_step(b / "goat" / "checkpoints") == 4
+    assert [r["step"] for r in metric_rows(b)] == [1, 2, 3, 4, 5, 6]  # fetched at 3, at the save (4) and at 6
     # A save interrupted by the kill leaves only orbax's temporary directory, which must never count as a step.
-    (tmp_path / "b" / "goat" / "checkpoints" / "8.orbax-checkpoint-tmp-0").mkdir()
-    refused = run_cli(tiny_setup, tmp_path / "b")
-    assert refused.returncode != 0 and "--resume" in refused.stderr
-    resumed = run_cli(tiny_setup, tmp_path / "b", "--resume")
+    (b / "goat" / "checkpoints" / "8.orbax-checkpoint-tmp-0").mkdir()
+    refused = run_cli(tiny_setup, b)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    # Killed again right after --resume (before its first fetch): the history before the checkpoint survives.
+    again = run_cli(tiny_setup, b, "--resume", kill=(5, "begin"))
+    assert again.returncode == -9 and "resumed from step 4" in again.stdout
+    assert [r["step"] for r in metric_rows(b)] == [1, 2, 3, 4]
+    # Killed while the rows up to the step-8 save are being fetched (before any is written or the save is made).
+    mid_write = run_cli(tiny_setup, b, "--resume", kill=(8, "fetch"))
+    assert mid_write.returncode == -9 and jgoat.latest_step(b / "goat" / "checkpoints") == 4
+    assert [r["step"] for r in metric_rows(b)] == [1, 2, 3, 4, 5, 6]
+    resumed = run_cli(tiny_setup, b, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stdout
 
     step_a, a = final_adapters(tmp_path / "a")
-    step_b, b = final_adapters(tmp_path / "b")
-    assert step_a == step_b == 12 and a.keys() == b.keys()
+    step_b, b_final = final_adapters(b)
+    assert step_a == step_b == 12 and a.keys() == b_final.keys()
     for name in a:  # same data order, same dropout keys, same compiled step: bit-identical, not merely close
-        np.testing.assert_array_equal(a[name], b[name])
-    rows_b = [json.loads(line) for line in (tmp_path / "b" / "goat" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows_b if "task_loss" in r] == list(range(1, 13))
+        np.testing.assert_array_equal(a[name], b_final[name])
+    assert metric_rows(b) == rows  # every row once, in order, with the uninterrupted run's exact values
+
+
+def test_resume_falls_back_from_a_corrupt_newest_checkpoint_and_refuses_other_settings(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(tiny_setup, out).returncode == 0
+    _, straight = final_adapters(out)
+    rows = metric_rows(out)
+    ckpt = out / "goat" / "checkpoints"
+    # One flipped byte in the newest step's largest adapter data file.
+    data = max((ckpt / "12" / "adapter").rglob("d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    changed = run_cli(tiny_setup, out, "--resume", "--rank", "4", "--experts", "2", "--lr", "5e-4")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    line, = changed.stderr.strip().splitlines()
+    assert "experts: 4 -> 2" in line and "lr: 0.001 -> 0.0005" in line and "rank: 8 -> 4" in line
+    assert "--allow-change experts,lr,rank" in line
+    resumed = run_cli(tiny_setup, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warnings = [w for w in resumed.stderr.splitlines() if "jgoat: warning" in w]
+    assert len(warnings) == 1 and str(ckpt / "12") in warnings[0] and "resumed from step 8" in warnings[0]
+    assert (ckpt / "12.corrupt").is_dir()
+    _, again = final_adapters(out)  # steps 9-12 trained again from the step-8 checkpoint: the same adapters
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], again[name])
+    assert metric_rows(out) == rows
+    # More steps are a change the stored settings refuse, unless --allow-change names it.
+    assert "steps: 12 -> 16" in run_cli(tiny_setup, out, "--resume", "--steps", "16").stderr
+    grown = run_cli(tiny_setup, out, "--resume", "--steps", "16", "--allow-change", "steps")
+    assert grown.returncode == 0 and "resumed from step 12" in grown.stdout
+    assert [r["step"] for r in metric_rows(out) if "task_loss" in r] == list(range(1, 17))
 
 
 HEAD = 32 * 3 + 3  # the new classifier: hidden 32 -> 3 labels
@@ -125,5 +177,5 @@ def test_classify_cli_refuses_decoder_only_methods_before_training(tiny_setup, t
             str(tmp_path), "--steps", "3", "--max-length", "16", "--test-size", "40"]
     for method in ("prompt", "prefix"):  # BERT has no prompt/prefix hook points: refused before the baseline trains
         with pytest.raises(ValueError, match=f"no '{method}' hook point"):
-            cli.main([*argv, "--method", method])
+            cli.main([*argv, "--method", method, "--debug"])
     assert not (tmp_path / "frozen").exists()
