@@ -38,7 +38,7 @@ import pathlib
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import jax
@@ -51,7 +51,8 @@ from jgoat import data as data_lib
 from jgoat import tasks, trainer
 from jgoat.adapters.prompt import require_hooks
 from jgoat.errors import JgoatError, NonFiniteError
-from jgoat.models import from_pretrained, load_tokenizer, minilm_path, smollm2_path
+from jgoat.memory import estimate_llama_training, llama2_7b
+from jgoat.models import LlamaConfig, from_pretrained, load_tokenizer, minilm_path, smollm2_path
 from jgoat.plots import plot_results, plot_run
 from jgoat.train import cosine_schedule
 
@@ -269,7 +270,9 @@ class CommandLine:
         command, rest = argv[0], argv[1:]
         if command == "train":  # the config file goes first, so that every flag given here overrides it
             files, rest = _config_files(rest)
-            rest = [token for path in files for token in ("--config", json.dumps(read_config(path)))] + rest
+            defaults = vars(self.commands["train"].get_defaults())
+            switches = {k for k, v in defaults.items() if isinstance(v, bool)}
+            rest = [token for path in files for token in ("--config", json.dumps(read_config(path, switches)))] + rest
         try:
             parsed = self.commands[command].parse_args(rest)
         except jsonargparse.ArgumentError as err:
@@ -301,11 +304,12 @@ def _config_files(argv: list[str]) -> tuple[list[str], list[str]]:
     return files, rest
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_config(path: str | os.PathLike, switches: Collection[str] = ()) -> dict[str, Any]:
     """The flags a JSON / YAML config file holds, as ``{flag_name: value}`` for jsonargparse.
 
     Keys are flag names with - or _; ``no_x: true`` means ``x: false``; lists become comma lists (targets); null
-    values and keys starting with '_' (comments) are left out. A malformed file is named with its line.
+    values and keys starting with '_' (comments) are left out; the `switches` (boolean flags) take only true or
+    false. A malformed file is named with its line.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -335,6 +339,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name.startswith("no_") and isinstance(value, bool):
             name, value = name.removeprefix("no_"), not value
+        if name in switches and not isinstance(value, bool):
+            raise JgoatError(f"{path}: '{key}' takes true or false, got {value!r}")
         if name == "config":
             raise JgoatError(f"{path}: a config file cannot name another config ('{key}')")
         out[name] = ",".join(map(str, value)) if isinstance(value, list) else value
@@ -482,9 +488,6 @@ def restore_intact(ckpt: pathlib.Path, tree, opt_state) -> tuple[Any, Any, dict]
 
 def estimate_memory(args: argparse.Namespace):
     """`jgoat estimate-memory`: print XLA's plan for one training step of the given decoder and method."""
-    from jgoat.memory import estimate_llama_training, llama2_7b
-    from jgoat.models.llama import LlamaConfig
-
     dtype = jnp.dtype(args.dtype)
     overrides = dict(dtype=dtype, param_dtype=dtype, remat_policy=None if args.remat == "none" else args.remat)
     if args.config == "llama-2-7b":

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 import jgoat
 from jgoat import data as data_lib
+from jgoat.models import causal_lm_loss, from_pretrained, load_tokenizer, preprocess, read_preprocessor_config
 
 KINDS = ("classify", "sft", "image")
 
@@ -54,8 +55,6 @@ class ImageSplit:
         return len(self.labels)
 
     def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        from jgoat.models import preprocess
-
         column = self.dataset[[int(i) for i in idx]][self.image_column]
         images = [data_lib.rgb_uint8(self.base_dir / x if isinstance(x, str) else x) for x in column]
         return {"pixels": preprocess(images, dict(self.processor_config)), "labels": self.labels[idx]}
@@ -97,8 +96,6 @@ def loss(task_kind: str, model, params, batch, rng, *, aux_count_padding: bool =
     or over response tokens for sft."""
     logits, aux = forward(task_kind, model, params, batch, rng, aux_count_padding=aux_count_padding)
     if task_kind == "sft":
-        from jgoat.models import causal_lm_loss
-
         task_loss = causal_lm_loss(logits, batch["labels"])
     else:
         labels = batch["labels"]
@@ -174,8 +171,6 @@ def _tokenise_pairs(tokenizer, dataset, text_column: str, pair_column: str | Non
 
 def load_classify(opts, *, model_dir: str, dtype, key) -> Task:
     """Encoder + labelled text from `datasets` (text column, optional text-pair column as GLUE, label column)."""
-    from jgoat.models import from_pretrained, load_tokenizer
-
     tokenizer = load_tokenizer(model_dir)
     train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
                                                 opts.seed)
@@ -191,8 +186,6 @@ def load_classify(opts, *, model_dir: str, dtype, key) -> Task:
 
 def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
     """Decoder + prompt/response or chat-messages data, tokenised with the tokenizer's chat template if any."""
-    from jgoat.models import from_pretrained, load_tokenizer
-
     tokenizer = load_tokenizer(model_dir)
     if opts.data is None:
         raise ValueError("--task sft needs --data (a json/jsonl/csv/parquet file, a data folder or a hub name)")
@@ -207,8 +200,6 @@ def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
 
 def load_image(opts, *, model_dir: str, dtype, key) -> Task:
     """CLIP vision / ViT + a new linear head; images from an imagefolder or a table with image and label columns."""
-    from jgoat.models import from_pretrained, read_preprocessor_config
-
     if opts.data is None:
         raise ValueError("--task image needs --data (an imagefolder directory, a table of image paths, or a hub name)")
     processor = read_preprocessor_config(model_dir)

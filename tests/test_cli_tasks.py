@@ -115,26 +115,29 @@ def test_config_file_values_and_command_line_override(tmp_path):
     config.write_text(json.dumps({"_comment": "ignored", "task": "sft", "lr": 2e-5, "batch_size": 16,
                                   "targets": ["q_proj", "v_proj"], "no-baseline": True, "resume": False,
                                   "epochs": 3}))
-    argv = ["train", "--config", str(config), "--batch-size", "8"]
-    args = parser.parse_args(["train", *cli.config_argv(config, parser), *argv[1:]])
-    assert (args.task, args.lr, args.batch_size, args.targets) == ("sft", 2e-5, 8, ("q_proj", "v_proj"))
-    assert not args.baseline and not args.resume and args.epochs == 3 and args.steps == 300
+    # The command line overrides the file wherever --config stands.
+    for argv in (["train", "--config", str(config), "--batch-size", "8"],
+                 ["train", "--batch-size", "8", f"--config={config}"]):
+        args = parser.parse_args(argv)
+        assert (args.task, args.lr, args.batch_size, args.targets) == ("sft", 2e-5, 8, ("q_proj", "v_proj"))
+        assert not args.baseline and not args.resume and args.epochs == 3 and args.steps == 300
     # Booleans are switches both ways: the command line turns a config's true off and its false on.
     config.write_text(json.dumps({"resume": True, "no_chat_template": True, "no_baseline": False,
                                   "aux_count_padding": None}))
-    assert cli.config_argv(config, parser) == ["--resume", "--no-chat-template", "--baseline"]
-    args = parser.parse_args(["train", *cli.config_argv(config, parser), "--no-resume", "--chat-template"])
+    assert cli.read_config(config) == {"resume": True, "chat_template": False, "baseline": True}
+    args = parser.parse_args(["train", "--config", str(config), "--no-resume", "--chat-template"])
     assert not args.resume and args.chat_template and args.baseline and not args.aux_count_padding
-    for bad, message in (({"resume": "yes"}, "'resume' takes true or false"), ({"rank": True}, "'rank' takes a value")):
+    for bad, message in (({"resume": "maybe"}, "'resume' takes true or false, got 'maybe'"),
+                         ({"rank": True}, 'key "rank"'),
+                         ({"learning_rate": 1e-4}, "'learning_rate' is not accepted"),
+                         ({"method": "lorra"}, "'lorra' not among choices")):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
-        with pytest.raises(SystemExit, match=message):
-            cli.config_argv(tmp_path / "bad.json", parser)
-    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1e-4}))
-    with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
-        cli.config_argv(tmp_path / "bad.json", parser)
+        with pytest.raises(jgoat.JgoatError, match=message):
+            parser.parse_args(["train", "--config", str(tmp_path / "bad.json")])
     yaml = pytest.importorskip("yaml")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"rank": 8, "alpha": 16}, sort_keys=False))
-    assert cli.config_argv(tmp_path / "run.yaml", parser) == ["--rank", "8", "--alpha", "16"]
+    args = parser.parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--alpha", "4"])
+    assert (args.rank, args.alpha) == (8, 4.0)
 
 
 def tb_scalars(log_dir):
@@ -203,17 +206,19 @@ def test_sft_sigkill_resume_with_grad_accum_and_epochs_is_exact(llama_dir, tmp_p
     import subprocess
     import sys
 
-    def run(out, *extra, env=None):
-        cmd = [sys.executable, "-m", "jgoat", "train", "--task", "sft", "--model", str(llama_dir / "model"),
+    def run(out, *extra, kill=None):
+        launcher = ["-m", "jgoat"] if kill is None else [str(pathlib.Path(__file__).parent / "faults.py"), str(kill),
+                                                         "begin"]
+        cmd = [sys.executable, *launcher, "train", "--task", "sft", "--model", str(llama_dir / "model"),
                "--data", str(llama_dir / "train.jsonl"), "--out", str(out), "--method", "goat", "--rank", "4",
                "--experts", "2", "--top-k", "1", "--adapter-dropout", "0.1", "--epochs", "3", "--batch-size", "8",
                "--grad-accum", "2", "--max-length", "16", "--test-size", "8", "--save-every", "3", "--no-baseline",
                *extra]  # 32 train examples / 8 = 4 steps per epoch: 12 steps, epochs end at 4, 8, 12
-        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
     straight = run(tmp_path / "a")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = run(tmp_path / "b", env={"JGOAT_FAULT_KILL_AT_STEP": "7"})  # dies before step 8, after the step-6 save
+    killed = run(tmp_path / "b", kill=7)  # tests/faults.py: SIGKILL before step 8, after the step-6 save
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
     assert jgoat.latest_step(tmp_path / "b" / "goat" / "checkpoints") == 6
     resumed = run(tmp_path / "b", "--resume")
@@ -372,7 +377,7 @@ def test_sft_cli_qlora_nf4_base_and_method_errors(llama_dir, tmp_path):
             sft_cli(llama_dir, tmp_path / method, "--method", method, *extra)
             continue
         with pytest.raises(ValueError, match=message):
-            sft_cli(llama_dir, tmp_path / method, "--method", method, *extra)
+            sft_cli(llama_dir, tmp_path / method, "--method", method, *extra, "--debug")
 
 
 def test_image_cli_trains_head_and_goat_with_outputs(tmp_path):
@@ -451,7 +456,7 @@ def test_dtype_auto_is_bfloat16_on_accelerators_only(monkeypatch):
 def test_shipped_configs_parse_with_the_published_settings():
     parser = cli.build_parser()
     root = pathlib.Path(__file__).parent.parent / "configs"
-    parsed = {f.stem: parser.parse_args(["train", *cli.config_argv(f, parser)]) for f in root.glob("*.json")}
+    parsed = {f.stem: parser.parse_args(["train", "--config", str(f)]) for f in root.glob("*.json")}
     assert sorted(parsed) == ["commonsense_llama2_7b", "glue_roberta_large", "image_clip_vit_b32", "math_llama2_7b"]
     published = {  # GOAT.md §6: task, r, alpha, lr, batch, eta, rho
         "glue_roberta_large": ("classify", 32, 64, 1e-4, 256, 1.0, 10.0),

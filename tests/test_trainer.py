@@ -24,7 +24,7 @@ def problem(nan_at=None):
     base = model.init(k[0], jnp.zeros((1, 4, D)))["params"]
     teacher = low_rank_teacher(base, (k[1], k[2]), rank=2, strength=0.5)
     xs = jax.random.normal(k[3], (STEPS, 8, 4, D))
-    ys = np.asarray(jax.vmap(lambda x: model.apply({"params": teacher}, x))(xs))
+    ys = np.array(jax.vmap(lambda x: model.apply({"params": teacher}, x))(xs))
     if nan_at is not None:
         ys[nan_at, 0, 0, 0] = np.nan
     wrapped = jgoat.wrap(base, jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets=["up", "down"], dropout=0.1),
