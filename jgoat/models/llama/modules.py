@@ -254,6 +254,7 @@ class CausalLMOutput(NamedTuple):
 
 
 def check_key_length(cfg: LlamaConfig, S: int) -> None:
+    """Raise a ValueError when a key length S (sequence, or KV cache) exceeds the unimplemented sliding window."""
     if cfg.sliding_window is not None and S > cfg.sliding_window:
         raise ValueError(
             f"{cfg.model_type} sliding_window={cfg.sliding_window} is not implemented: key length {S} exceeds it "

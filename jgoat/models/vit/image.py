@@ -2,10 +2,12 @@
 
 Why not call ``transformers``' image processors (already a dependency)? They do work without torch (transformers 5
 falls back to ``CLIPImageProcessorPil`` / ``ViTImageProcessorPil`` when torchvision is absent, same numbers), but
-measured on this project's CPU machine (transformers 5.23, 2 cores): importing them costs about 5 s, against none
-here, for a data-loading step that ``jgoat train`` runs in every process; and tests/models/test_vit.py pins this
-module to transformers' own ``CLIPImageProcessorPil`` (with and without crop) and ``ViTImageProcessorPil``, so the
-two cannot drift apart silently.
+importing them is slow, and data loading pays it in every process: measured on this project's 2-core CPU machine
+(transformers 5.23, load average 6-13 from other jobs), ``import transformers; transformers.CLIPImageProcessorPil``
+took 5.0 s with torch hidden and 50-53 s with torch installed (transformers then imports it), against 1.1 s for a
+fresh interpreter to import this module (numpy only). tests/models/test_vit.py pins this module to transformers' own
+``CLIPImageProcessorPil`` (with and without crop) and ``ViTImageProcessorPil``, so the two cannot drift apart
+silently.
 """
 
 from __future__ import annotations
