@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -165,11 +166,11 @@ SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate key {duplicates[0]!r}")
-    return dict(pairs)
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        duplicate = next(k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return out
 
 
 def _natural(value: Any) -> bool:
@@ -226,7 +227,7 @@ def parse_safetensors_header(path: pathlib.Path, size: int, prefix: bytes, read:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise CheckpointFormatError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
-        nbytes = SAFETENSORS_DTYPES[dtype].itemsize * int(np.prod(shape, dtype=object))
+        nbytes = SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape)
         if offsets[1] - offsets[0] != nbytes:
             raise CheckpointFormatError(f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes, but {dtype} "
                                         f"x {shape} needs {nbytes}")
