@@ -4,6 +4,7 @@
     out, aux = jgoat.apply(model.apply)({"params": wrapped}, batch)
 """
 
+from jgoat import nnx
 from jgoat.adapters import (
     DoraAdapter,
     GoatAdapter,
@@ -114,6 +115,7 @@ __all__ = [
     "lori_sparse",
     "mark_trainable",
     "merge",
+    "nnx",
     "probe",
     "quantize_nf4",
     "register_linear",
