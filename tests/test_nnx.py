@@ -525,3 +525,30 @@ def test_registered_user_class():
     adapter = model.mine.jgoat.node()
     want = base + adapter.scale * (x @ adapter.A) @ adapter.B
     _assert_close(model(x), want)
+
+
+@pytest.mark.parametrize(("stacked", "jit"), [(False, False), (True, True)], ids=["unstacked-eager", "stacked-jit"])
+def test_goat_properties_on_nnx(stacked, jit):
+    """GOAT.md §8 through the NNX path: the output at init does not depend on `scaling`; every token has exactly k
+    gates (each layer's load sums to 1); with a zero router (uniform routing) the code-form aux is k per layer."""
+    x = _x()
+    make = (lambda: NnxScanned(nnx.Rngs(0))) if stacked else (lambda: NnxMLP(nnx.Rngs(0)))
+    run = nnx.jit(lambda m, x: jn.apply(m, x, collect_load=True)) if jit else (
+        lambda m, x: jn.apply(m, x, collect_load=True))
+    outs = {}
+    for scaling in ("theory", "alpha"):
+        model = jn.wrap(make(), jgoat.GoatConfig(rank=8, experts=4, top_k=2, scaling=scaling, targets=["up", "down"]),
+                        key=jax.random.key(2))
+        outs[scaling], aux, load = run(model, x)
+    _assert_close(outs["alpha"], outs["theory"])
+    n_layers = 2 * (3 if stacked else 1)
+    assert len(load) == 2 and all(v.shape == ((3, 4) if stacked else (4,)) for v in load.values())
+    np.testing.assert_allclose(np.concatenate([np.reshape(v, (-1, 4)) for v in load.values()]).sum(-1),
+                               np.ones(n_layers), rtol=1e-6)
+    state = nnx.state(model, jn.Adapter)
+    for path, var in nnx.to_flat_state(state):
+        if path[-1] == "router":
+            var.set_value(jnp.zeros_like(var.get_value()))
+    nnx.update(model, state)
+    _, aux, _ = run(model, x)
+    np.testing.assert_allclose(aux, 2.0 * n_layers, rtol=1e-6)
