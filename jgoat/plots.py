@@ -48,8 +48,8 @@ def plot_run(run_dir: str | pathlib.Path, load: Mapping[str, np.ndarray] | None 
             points = [(r["step"], r[key]) for r in evals if key in r]
             line, = axes[3].plot(*zip(*points, strict=True), marker="o", label=key.removeprefix("eval/"))
             step, value = points[-1]  # the final value written beside its point: readable even with one point
-            axes[3].annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(4, 4), fontsize=8,
-                             color=line.get_color())
+            axes[3].annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(-6, 6), ha="right",
+                             fontsize=8, color=line.get_color())
         axes[3].set_xlim(0, max(steps + [r["step"] for r in evals]) * 1.08 or 1)  # a lone point is not at an edge
         axes[3].margins(y=0.25)
         axes[3].set_title("eval")

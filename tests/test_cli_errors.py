@@ -97,3 +97,16 @@ def test_the_process_prints_no_traceback(tmp_path):
     assert [line for line in proc.stderr.splitlines() if line.startswith("jgoat:")] == \
         ["jgoat: error: --batch-size 0: must be a positive integer"]
     assert not (tmp_path / "o").exists()
+
+
+def test_wandb_asked_for_but_not_installed(tmp_path, capsys):
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("wandb is installed: the refusal cannot happen")
+    assert cli.main(["train", "--out", str(tmp_path / "o"), "--wandb"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "jgoat: error: --wandb needs Weights & Biases: pip install wandb (or drop --wandb)"
+    assert not (tmp_path / "o").exists()
