@@ -33,6 +33,17 @@ from jgoat.errors import JgoatError, NonFiniteError
 from jgoat.grad_init import gora_allocate, gora_gradients, gora_importance, gora_ranks, gora_wrap
 from jgoat.interop import default_torch_name, export_goat, export_peft, import_goat, import_peft
 from jgoat.quant import NF4Kernel, dequantize, dequantize_tree, quantize_nf4
+from jgoat.sharding import (
+    batch_sharding,
+    create_state,
+    mesh,
+    restore_sharded,
+    save_sharded,
+    shard,
+    sharded_step,
+    shardings,
+    state_shardings,
+)
 from jgoat.train import TrainState, accumulate_step, adamw_cosine, cosine_schedule, freeze_base, train_step
 from jgoat.trainer import Callback, Checkpoint, Evaluate, FitResult, JsonlLogger, TensorBoardLogger, fit
 from jgoat.wrap import (
@@ -81,6 +92,8 @@ __all__ = [
     "JsonlLogger",
     "NonFiniteError",
     "TensorBoardLogger",
+    "batch_sharding",
+    "create_state",
     "fit",
     "adamw_cosine",
     "add_bottleneck",
@@ -115,15 +128,22 @@ __all__ = [
     "lori_sparse",
     "mark_trainable",
     "merge",
+    "mesh",
     "nnx",
     "probe",
     "quantize_nf4",
     "register_linear",
     "regularizer",
     "restore",
+    "restore_sharded",
     "save",
+    "save_sharded",
     "select_adapter",
+    "shard",
+    "sharded_step",
+    "shardings",
     "split",
+    "state_shardings",
     "summary",
     "train_step",
     "trainable_mask",
