@@ -1,7 +1,6 @@
-"""Adapter files: HF PEFT's LoRA format (export/import), and GOAT's own format.
+"""HF PEFT adapter folders: export/import of LoRA, rsLoRA, DoRA, PiSSA / MiLoRA / OLoRA (converted to plain LoRA),
+KaSA, GoRA (as LoRA) and IA³.
 
-HF PEFT (LoRA, rsLoRA, DoRA, PiSSA / MiLoRA / OLoRA converted to plain LoRA, KaSA, GoRA as LoRA, IA³)
----------------------------------------------------------------------------------------------------
 ``export_peft`` writes the two files ``peft.PeftModel.from_pretrained(torch_model, out_dir)`` reads:
 
 * ``adapter_model.safetensors`` with, per adapted torch module ``<name>`` (one per layer for stacked layers):
@@ -45,27 +44,10 @@ the one jgoat node with per-layer ranks and scalings.
 Torch names: ``torch_name(flax_path, index)`` maps a '/'-joined Flax module path and a layer index (``()`` when
 the module is not stacked) to the torch module name; the default replaces '/' by '.' and, for stacked layers,
 inserts the index after the first path component (``layers/fc1``, (2,) → ``layers.2.fc1``).
-
-GOAT format (format version 1)
-------------------------------
-GOAT is not a PEFT type. ``export_goat`` writes into ``out_dir``:
-
-* ``goat_adapter.safetensors``: one tensor per array, named by its '/'-joined path in the wrapped tree:
-  ``<module path>/jgoat/A`` [*L, E, in, d], ``.../jgoat/B`` [*L, E, d, out], ``.../jgoat/router`` [*L, in, E], the
-  frozen residual offset ``.../jgoat/res_A`` [*L, in, E·d] and ``.../jgoat/res_B`` [*L, E·d, out] (absent for
-  ``init="zero"``), and every parameter of each ``modules_to_save`` module (``<module path>/<param path>``).
-* ``goat_config.json``: ``{"format": "jgoat-goat", "format_version": 1, "jgoat_version", "base_fingerprint",
-  "config_class": "GoatConfig" | "MoLoraConfig", "config": dataclasses.asdict(cfg) (every knob),
-  "modules": [{"path", "stack" (layer-stack shape), "in_features", "out_features", "scale"}, ...],
-  "modules_to_save": [paths]}``.
-
-The residual offset was derived from one exact base (SVD of its weights), so ``import_goat`` refuses a base whose
-fingerprint differs from the recorded one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -83,7 +65,6 @@ from jgoat.adapters import (
     ADAPTER_TYPES,
     DoraAdapter,
     GoatAdapter,
-    GoatConfig,
     GoraAdapter,
     GoraConfig,
     IA3Adapter,
@@ -92,13 +73,11 @@ from jgoat.adapters import (
     KasaConfig,
     LoraAdapter,
     LoraConfig,
-    MoLoraConfig,
 )
 from jgoat.core import (
     ADAPTER_KEY,
     Layout,
     TrainModule,
-    __version__,
     get_at,
     iter_modules,
     layout_for,
@@ -106,24 +85,19 @@ from jgoat.core import (
     replace_at,
     to_dict,
 )
-from jgoat.wrap import adapter_names, init_layer, select_adapter
+from jgoat.interop.common import all_adapters, is_array, one_adapter, saved_modules
+from jgoat.wrap import init_layer
 
 PyTree = Any
 TorchName = Callable[[str, tuple[int, ...]], str]
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-GOAT_CONFIG_FILE = "goat_config.json"
-GOAT_WEIGHTS_FILE = "goat_adapter.safetensors"
-GOAT_FORMAT = "jgoat-goat"
-GOAT_FORMAT_VERSION = 1
 _PREFIX = "base_model.model."
 _LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector", "m"),
                   (".lora_diag", "diag"))
 _IA3_SUFFIXES = ((".ia3_l", "l"),)
 _NODE_FIELDS = ("A", "B", "m", "diag", "rank", "l")  # compared when importing onto an already wrapped tree
-_GOAT_FIELDS = ("A", "B", "router", "res_A", "res_B")
-_GOAT_CLASSES = {"GoatConfig": GoatConfig, "MoLoraConfig": MoLoraConfig}
 
 
 def default_torch_name(flax_path: str, index: tuple[int, ...]) -> str:
@@ -134,27 +108,18 @@ def default_torch_name(flax_path: str, index: tuple[int, ...]) -> str:
     return ".".join(parts)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# small helpers
-
-
-def _is_array(x) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _np32(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
-
 def _json_number(x: float) -> int | float:
     x = float(x)
     return int(x) if x.is_integer() else x
 
-
 def _peft_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """Exactly peft's ``lora_alpha / r`` or ``lora_alpha / math.sqrt(r)``."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default):
     """peft's ``get_pattern_key``: the first key k with ``re.match(rf"(.*\\.)?({k})$", name)``."""
@@ -163,54 +128,21 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, default):
             return patterns[key]
     return default
 
-
-def _module_params(module: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    """Every array leaf of a module (nested dicts included), excluding jgoat nodes and markers."""
-    out = []
-    for name in sorted(module):
-        value = module[name]
-        if name == ADAPTER_KEY:
-            continue
-        if isinstance(value, Mapping):
-            out.extend(_module_params(value, (*prefix, name)))
-        elif _is_array(value):
-            out.append(((*prefix, name), value))
-    return out
-
-
-def _saved_modules(tree: Mapping) -> list[tuple[tuple[str, ...], Mapping]]:
-    return [(p, m) for p, m in iter_modules(tree) if isinstance(m.get(ADAPTER_KEY), TrainModule)]
-
-
-def _one_adapter(tree: PyTree, adapter: str | None) -> PyTree:
-    """The tree with only adapter `adapter` (for a tree of named adapters, where the name is required)."""
-    if adapter is None and adapter_names(tree):
-        raise ValueError(f"the tree holds named adapters {', '.join(adapter_names(tree))}: pass adapter=<name> to "
-                         "export one")
-    return tree if adapter is None else select_adapter(tree, adapter)
-
-
-def _all_adapters(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
-    return [(p, m[ADAPTER_KEY]) for p, m in iter_modules(tree) if isinstance(m.get(ADAPTER_KEY), ADAPTER_TYPES)]
-
-
 def _node_stack(adapter) -> tuple[int, ...]:
     """The layer-stack shape of an adapter node (the leading axes of its reference field)."""
     ref = getattr(adapter, getattr(adapter, "ref_field", "A"))
     return tuple(ref.shape[: ref.ndim - adapter.layer_ndim])
 
-
 def _module_stack(module: Mapping, path: tuple[str, ...], layouts: Mapping[str, Layout] | None):
     """(stack shape, in_features, out_features) of a module holding a kernel, or None."""
     kernel = module.get("kernel")
-    if not _is_array(kernel):
+    if not is_array(kernel):
         return None
     adapter = module.get(ADAPTER_KEY)
     if isinstance(adapter, ADAPTER_TYPES):
         stack, n_in = _node_stack(adapter), adapter.in_features
         return stack, n_in, int(np.prod(kernel.shape)) // (n_in * int(np.prod(stack, dtype=int)))
     return layout_for(path, kernel, layouts).split(kernel.shape)
-
 
 def _torch_params(module: Mapping) -> dict[str, tuple[str, bool]]:
     """{torch param name: (flax leaf name, per-layer transpose?)} for a module_to_save (Dense, Embed, LayerNorm...)."""
@@ -219,7 +151,7 @@ def _torch_params(module: Mapping) -> dict[str, tuple[str, bool]]:
         value = module[name]
         if name == ADAPTER_KEY:
             continue
-        if not _is_array(value):
+        if not is_array(value):
             raise ValueError(f"modules_to_save module holds a nested module '{name}': name that module instead")
         torch = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}.get(name)
         if torch is None or torch in mapping:
@@ -227,7 +159,6 @@ def _torch_params(module: Mapping) -> dict[str, tuple[str, bool]]:
                              "(supported: kernel, embedding, scale, bias)")
         mapping[torch] = (name, name == "kernel")
     return mapping
-
 
 def _per_layer_to_torch(value, idx: tuple[int, ...], torch_param: str, transpose: bool, n_in: int | None):
     """One layer of a modules_to_save leaf in torch layout: kernel [in, out] -> weight [out, in]; bias flattened."""
@@ -238,20 +169,16 @@ def _per_layer_to_torch(value, idx: tuple[int, ...], torch_param: str, transpose
         leaf = leaf.reshape(-1)
     return np.ascontiguousarray(leaf)
 
-
 def _restack(per_layer: list, stack: tuple[int, ...]):
     """Per-layer arrays (in np.ndindex order) back to one [*stack, ...] array; the array itself when unstacked."""
     if not stack:
         return per_layer[0]
     return jnp.stack(per_layer).reshape(*stack, *per_layer[0].shape)
 
-
 def _write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str]) -> None:
     safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, path, metadata=dict(metadata))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# HF PEFT
 
 
 _PEFT_CONFIGS = (LoraConfig, KasaConfig, GoraConfig, IA3Config)
@@ -351,8 +278,8 @@ def export_peft(
         raise ValueError("export_peft needs the jgoat.LoraConfig / KasaConfig / GoraConfig / IA3Config the tree was "
                          f"wrapped with, got {type(cfg).__name__}")
     torch_name = torch_name or default_torch_name
-    tree = to_dict(_one_adapter(tree, adapter))
-    found = _all_adapters(tree)
+    tree = to_dict(one_adapter(tree, adapter))
+    found = all_adapters(tree)
     goat = [path_str(p) for p, a in found if isinstance(a, GoatAdapter)]
     if goat:
         raise ValueError(f"GOAT adapters are not a PEFT type (at {', '.join(goat[:4])}); use export_goat")
@@ -392,7 +319,7 @@ def export_peft(
             layers[name] = (r_out, alpha)
 
     saved_names = []
-    for path, module in _saved_modules(tree):
+    for path, module in saved_modules(tree):
         info = _module_stack(module, path, layouts)
         stack, n_in = (info[0], info[1]) if info is not None else ((), None)
         mapping = _torch_params(module)
@@ -685,176 +612,3 @@ def import_peft(
     return tree
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# GOAT's own format
-
-
-def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fingerprint: str,
-                adapter: str | None = None) -> None:
-    """Write the GOAT adapters (and modules_to_save) of a wrapped tree in jgoat's GOAT format (module docstring).
-
-    Args:
-      tree: a tree wrapped with ``cfg`` (possibly trained).
-      cfg: the ``jgoat.GoatConfig`` (or ``MoLoraConfig``) it was wrapped with; every knob is recorded.
-      out_dir: folder to create / overwrite ``goat_config.json`` and ``goat_adapter.safetensors`` in.
-      fingerprint: the base model's fingerprint; `import_goat` refuses any other base.
-      adapter: for a tree of named adapters, the one to export (required there).
-
-    Raises:
-      ValueError: no GOAT adapter, non-GOAT adapters in the tree, or adapters whose knobs contradict ``cfg``.
-
-    Example:
-      >>> export_goat(wrapped, cfg, "out/goat", fingerprint=fp)
-    """
-    if not isinstance(cfg, GoatConfig):
-        raise ValueError(f"export_goat needs the jgoat.GoatConfig the tree was wrapped with, got {type(cfg).__name__}")
-    if not isinstance(fingerprint, str) or not fingerprint:
-        raise ValueError("fingerprint must be a non-empty string identifying the base weights")
-    tree = to_dict(_one_adapter(tree, adapter))
-    found = _all_adapters(tree)
-    other = [path_str(p) for p, a in found if not isinstance(a, GoatAdapter)]
-    if other:
-        raise ValueError(f"the tree holds non-GOAT adapters at {', '.join(other[:4])}; use export_peft for those")
-    if not found:
-        raise ValueError("the tree holds no GOAT adapter: wrap it with a jgoat.GoatConfig first")
-    tensors: dict[str, Any] = {}
-    modules = []
-    for path, adapter in found:
-        p = path_str(path)
-        knobs = dict(top_k=cfg.top_k, dropout=cfg.dropout, dropout_mode=cfg.dropout_mode, aux_form=cfg.aux_form)
-        bad = [f"{k}={getattr(adapter, k)!r}" for k, v in knobs.items() if getattr(adapter, k) != v]
-        if adapter.router.shape[-1] != cfg.experts or adapter.A.shape[-1] != cfg.expert_rank:
-            bad.append(f"experts x rank {adapter.A.shape[-3]} x {adapter.A.shape[-1]}")
-        if bad:
-            raise ValueError(f"the GOAT adapter at '{p}' does not match cfg ({', '.join(bad)})")
-        for field in _GOAT_FIELDS:
-            value = getattr(adapter, field)
-            if value is not None:
-                tensors[f"{p}/{ADAPTER_KEY}/{field}"] = value
-        modules.append({
-            "path": p,
-            "stack": list(adapter.A.shape[: adapter.A.ndim - adapter.layer_ndim]),
-            "in_features": int(adapter.A.shape[-2]),
-            "out_features": int(adapter.B.shape[-1]),
-            "scale": float(adapter.scale),
-        })
-    saved = []
-    for path, module in _saved_modules(tree):
-        saved.append(path_str(path))
-        for sub, value in _module_params(module):
-            tensors[path_str((*path, *sub))] = value
-    config = {
-        "format": GOAT_FORMAT,
-        "format_version": GOAT_FORMAT_VERSION,
-        "jgoat_version": __version__,
-        "base_fingerprint": fingerprint,
-        "config_class": type(cfg).__name__ if type(cfg).__name__ in _GOAT_CLASSES else "GoatConfig",
-        "config": dataclasses.asdict(cfg),
-        "modules": modules,
-        "modules_to_save": saved,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
-                               os.path.join(out_dir, GOAT_WEIGHTS_FILE),
-                               metadata={"format": GOAT_FORMAT, "format_version": str(GOAT_FORMAT_VERSION)})
-    with open(os.path.join(out_dir, GOAT_CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def import_goat(params: PyTree, in_dir: str | os.PathLike, *, fingerprint: str) -> tuple[dict, GoatConfig]:
-    """Rebuild the GOAT adapters saved by `export_goat` onto ``params`` (plain or wrapped; nothing is re-derived).
-
-    Args:
-      params: the base params (the same base the adapter was trained on), plain or already wrapped.
-      in_dir: folder with ``goat_config.json`` and ``goat_adapter.safetensors``.
-      fingerprint: the fingerprint of ``params``; must equal the recorded one.
-
-    Returns:
-      (wrapped tree, the recorded config).
-
-    Raises:
-      ValueError: fingerprint mismatch, unknown format version, missing modules, shape mismatches, unknown tensors.
-
-    Example:
-      >>> wrapped, cfg = import_goat(params, "out/goat", fingerprint=fp)
-    """
-    with open(os.path.join(in_dir, GOAT_CONFIG_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format") != GOAT_FORMAT or meta.get("format_version") != GOAT_FORMAT_VERSION:
-        raise ValueError(f"{in_dir} is not a jgoat GOAT adapter of format version {GOAT_FORMAT_VERSION} "
-                         f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
-    if meta["base_fingerprint"] != fingerprint:
-        raise ValueError(
-            f"base fingerprint mismatch: the GOAT adapter in {in_dir} was trained on a base with fingerprint "
-            f"{meta['base_fingerprint']!r}, these params have {fingerprint!r}. Its frozen residual offset was derived "
-            "from that exact base (SVD of its weights); load the same base weights")
-    cls = _GOAT_CLASSES.get(meta.get("config_class"), GoatConfig)
-    cfg = cls(**meta["config"])
-    tensors = safetensors.flax.load_file(os.path.join(in_dir, GOAT_WEIGHTS_FILE))
-    used: set[str] = set()
-    errors: list[str] = []
-    tree = to_dict(params)
-    for entry in meta["modules"]:
-        p, stack = entry["path"], tuple(entry["stack"])
-        n_in, n_out = entry["in_features"], entry["out_features"]
-        path = tuple(p.split("/"))
-        try:
-            module = get_at(tree, path)
-        except (KeyError, TypeError):
-            errors.append(f"params have no module '{p}'")
-            continue
-        kernel = module.get("kernel") if isinstance(module, Mapping) else None
-        if not _is_array(kernel) or tuple(kernel.shape[: len(stack)]) != stack or \
-                int(np.prod(kernel.shape)) != int(np.prod(stack, dtype=int)) * n_in * n_out:
-            errors.append(f"'{p}': kernel {None if kernel is None else tuple(kernel.shape)} does not fit the saved "
-                          f"adapter (stack {stack}, in {n_in}, out {n_out})")
-            continue
-        e, d = cfg.experts, cfg.expert_rank
-        expected = {"A": (*stack, e, n_in, d), "B": (*stack, e, d, n_out), "router": (*stack, n_in, e),
-                    "res_A": (*stack, n_in, e * d), "res_B": (*stack, e * d, n_out)}
-        fields = {}
-        for field in _GOAT_FIELDS:
-            key = f"{p}/{ADAPTER_KEY}/{field}"
-            if key not in tensors:
-                if field in ("res_A", "res_B"):
-                    fields[field] = None
-                    continue
-                errors.append(f"missing tensor '{key}'")
-                continue
-            used.add(key)
-            if tuple(tensors[key].shape) != expected[field]:
-                errors.append(f"'{key}' has shape {tuple(tensors[key].shape)}, expected {expected[field]}")
-            fields[field] = tensors[key]
-        if (fields.get("res_A") is None) != (fields.get("res_B") is None):
-            errors.append(f"'{p}': res_A and res_B must be both present or both absent")
-        if len(fields) != len(_GOAT_FIELDS):
-            continue
-        node = GoatAdapter(**fields, scale=entry["scale"], top_k=cfg.top_k, dropout=cfg.dropout,
-                           dropout_mode=cfg.dropout_mode, aux_form=cfg.aux_form)
-        tree = replace_at(tree, path, lambda m, n=node: {**m, ADAPTER_KEY: n})
-    for p in meta.get("modules_to_save", []):
-        path = tuple(p.split("/"))
-        try:
-            module = get_at(tree, path)
-        except (KeyError, TypeError):
-            errors.append(f"params have no module '{p}' (modules_to_save)")
-            continue
-        new = to_dict(module)
-        for sub, leaf in _module_params(module):
-            key = path_str((*path, *sub))
-            if key not in tensors:
-                errors.append(f"missing tensor '{key}' (modules_to_save)")
-                continue
-            used.add(key)
-            if tuple(tensors[key].shape) != tuple(leaf.shape):
-                errors.append(f"'{key}' has shape {tuple(tensors[key].shape)}, params have {tuple(leaf.shape)}")
-                continue
-            new = replace_at(new, sub[:-1], lambda m, k=sub[-1], v=tensors[key]: {**m, k: v})
-        new[ADAPTER_KEY] = TrainModule()
-        tree = replace_at(tree, path, lambda m, n=new: n)
-    unknown = sorted(set(tensors) - used)
-    if unknown:
-        errors.append(f"unknown tensors {unknown}")
-    if errors:
-        raise ValueError(f"cannot import the GOAT adapter in {in_dir}:\n  " + "\n  ".join(errors))
-    return tree, cfg
