@@ -611,6 +611,8 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
         state = jgoat.TrainState(step=jnp.asarray(start, jnp.int32), trainable=_as_float32(jgoat.split(tree)[0]),
                                  opt_state=opt_state)
         print(f"[{name}] resumed from step {start}")
+    elif args.resume:
+        print(f"[{name}] no checkpoint in {ckpt}: starting at step 0")
     config = run_config(args)
     _write_atomic(out / "config.json", json.dumps(config, indent=2))
     metrics_path = out / "metrics.jsonl"
