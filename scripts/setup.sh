@@ -40,10 +40,13 @@ else
   cp "$LOCK" "$CONSTRAINTS"
   UPGRADE=()
 fi
-# A torch already in the environment (e.g. a CUDA build) is kept; the parity tests then run against it, not the lock.
-if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  grep -vE "^torch==" "$CONSTRAINTS" > "$CONSTRAINTS.tmp"; mv "$CONSTRAINTS.tmp" "$CONSTRAINTS"
-  echo "setup.sh: keeping the installed torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+# A torch already in the environment (e.g. a CUDA build) is kept, in both modes (pinned to itself, so no upgrade
+# replaces it); the parity tests then run against it, not the lock.
+TORCH=$("$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+if [ -n "$TORCH" ]; then
+  { grep -vE "^torch==" "$CONSTRAINTS" || true; echo "torch==$TORCH"; } > "$CONSTRAINTS.tmp"
+  mv "$CONSTRAINTS.tmp" "$CONSTRAINTS"
+  echo "setup.sh: keeping the installed torch $TORCH"
 else
   # the CPU build first: a plain resolve of torch would pick a CUDA build of several GB
   quiet "${PIP[@]}" install -c "$CONSTRAINTS" "$(grep -E '^torch==' "$LOCK")"
