@@ -284,8 +284,8 @@ LLAMA_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("method", ["goat", "qlora", *(pytest.param(m, marks=pytest.mark.slow)
-                                                      for m in ("lora", "dora", "ia3"))])
+@pytest.mark.parametrize("method", ["goat", *(pytest.param(m, marks=pytest.mark.slow)
+                                       for m in ("qlora", "lora", "dora", "ia3"))])
 def test_tiny_llama_equals_linen(method):
     """jgoat.models' linen Llama and its NNX twin (same weights): logits, aux and adapter gradients.
 
@@ -330,7 +330,7 @@ def test_qlora_equals_linen(method):
     _assert_close(grads, want_grads)
 
 
-@pytest.mark.parametrize("method", ["goat", "lora"])
+@pytest.mark.parametrize("method", ["goat", pytest.param("lora", marks=pytest.mark.slow)])
 def test_linear_general_and_einsum_equal_linen(method):
     x = _x()
     params, model = _twin(LinenAttn(), NnxAttn, x)
