@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import numbers
 import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,6 +37,43 @@ _SAMPLES = 1024  # elements hashed per base leaf by `fingerprint`
 @struct.dataclass
 class TrainModule:
     """Marker placed beside the params of a `modules_to_save` module: all of that module's params are trainable."""
+
+
+def _field_error(field: dataclasses.Field, value: Any) -> str | None:
+    """What `value` should be to fit `field` by its declared type, or None if it fits."""
+    declared = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    declared = declared.replace(" ", "")
+    if "|None" in declared and value is None:
+        return None
+    kind = declared.replace("|None", "")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            return "a positive integer"
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return "a finite number"
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            return "True or False"
+    elif kind == "str" and not isinstance(value, str):
+        return "a string"
+    return None
+
+
+def check_fields(obj: Any) -> None:
+    """Validate every field of a config dataclass against its declared type (one ValueError naming the field).
+
+    ``int`` fields are counts (ranks, experts, top_k, tokens): positive integers, bool refused (it is an int in
+    Python); ``float`` fields are finite real numbers (NaN/inf and strings refused); ``bool`` fields are bools;
+    ``str`` fields are strings; ``X | None`` also accepts None. Ranges beyond that are each method's own checks.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        wanted = _field_error(f, value)
+        if wanted is not None:
+            raise ValueError(f"{type(obj).__name__}.{f.name} must be {wanted}, got {value!r}")
+        if isinstance(value, numbers.Number) and type(value) not in (bool, int, float):  # numpy scalars -> Python
+            object.__setattr__(obj, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +98,7 @@ class AdapterConfig:
     method: ClassVar[str] = "base"
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, list):  # keep configs hashable

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from jgoat.adapters.prompt import require_hooks
-from jgoat.core import ADAPTER_KEY, TrainModule
+from jgoat.core import ADAPTER_KEY, TrainModule, check_fields
 from jgoat.hooks import BOTTLENECK_ACTIVATIONS as ACTIVATIONS
 from jgoat.hooks import (
     BOTTLENECK_KEY,
@@ -84,8 +84,7 @@ class BottleneckConfig:
     placement: str = "houlsby"
 
     def __post_init__(self):
-        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
-            raise ValueError(f"reduction_factor must be a positive int, got {self.reduction_factor!r}")
+        check_fields(self)  # reduction_factor a positive int, placement a string
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {tuple(PLACEMENTS)}, got {self.placement!r}")
 

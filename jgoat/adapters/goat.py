@@ -61,11 +61,7 @@ class GoatConfig(AdapterConfig):
     method: ClassVar[str] = "goat"
 
     def __post_init__(self):
-        super().__post_init__()
-        for name in ("rank", "experts", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__post_init__()  # rank, experts, top_k positive ints; alpha, eta, rho, init_cof finite
         if self.rank % self.experts:
             raise ValueError(
                 f"rank {self.rank} is not divisible by experts {self.experts}: each expert needs rank "

@@ -66,11 +66,6 @@ _GRAM_EPS = 1e-8  # the official code's pinv(A Aᵀ + 1e-8·I)
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GoraConfig(AdapterConfig):
     """GoRA: gradient-driven per-layer ranks and init (defaults: the official Llama scripts).
@@ -102,14 +97,12 @@ class GoraConfig(AdapterConfig):
     method: ClassVar[str] = "gora"
 
     def __post_init__(self):
-        super().__post_init__()
-        for name in ("r_ref", "r_min", "r_max"):
-            _positive_int(name, getattr(self, name))
+        super().__post_init__()  # r_ref, r_min, r_max positive ints, alpha and lr_init finite
         if self.r_min > self.r_max:
             raise ValueError(f"r_min ({self.r_min}) > r_max ({self.r_max}): the rank bounds are empty")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not (self.lr_init > 0 and math.isfinite(self.lr_init)):
+        if not self.lr_init > 0:
             raise ValueError(f"lr_init must be a finite number > 0, got {self.lr_init}")
         if self.sign not in GORA_SIGNS:
             raise ValueError(f"unknown sign {self.sign!r}; allowed: 'descend' (the paper: the init descends along "

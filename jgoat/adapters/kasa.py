@@ -68,9 +68,7 @@ class KasaConfig(AdapterConfig):
     method: ClassVar[str] = "kasa"
 
     def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        super().__post_init__()  # rank a positive int, the floats finite
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         for name in ("beta", "gamma"):

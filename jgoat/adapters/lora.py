@@ -55,9 +55,7 @@ class LoraConfig(AdapterConfig):
     method: ClassVar[str] = "lora"
 
     def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        super().__post_init__()  # rank a positive int, alpha finite
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.init not in LORA_INITS and not _NITER.fullmatch(self.init):

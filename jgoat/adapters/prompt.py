@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jgoat.core import ADAPTER_KEY, TrainModule
+from jgoat.core import ADAPTER_KEY, TrainModule, check_fields
 from jgoat.hooks import (
     DECODER,
     PREFIX_KEY,
@@ -65,8 +65,7 @@ class PromptTuningConfig:
     init_text: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+        check_fields(self)  # num_virtual_tokens (and encoder_hidden_size) positive ints
         if self.init not in PROMPT_INITS:
             raise ValueError(f"init must be one of {PROMPT_INITS}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
@@ -90,13 +89,10 @@ class PrefixTuningConfig:
     encoder_hidden_size: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+        check_fields(self)  # num_virtual_tokens (and encoder_hidden_size) positive ints
         if self.encoder_hidden_size is not None:
             if not self.prefix_projection:
                 raise ValueError("encoder_hidden_size is only used with prefix_projection=True")
-            if self.encoder_hidden_size < 1:
-                raise ValueError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
 
 
 def require_hooks(params: Any, hook: str, model: Any = None) -> None:
