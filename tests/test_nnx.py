@@ -510,6 +510,10 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="modules_to_save"):
         jn.wrap(NnxMLP(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["up"], modules_to_save=["down"]),
                 key=jax.random.key(2))
+    fresh = NnxMLP(nnx.Rngs(0))
+    named = jgoat.wrap(jn.params(fresh), CONFIGS["lora"], key=jax.random.key(2), name="task")
+    with pytest.raises(ValueError, match="module 'down' holds named adapters \\['task'\\]: named adapters are not"):
+        jn.update(fresh, named)
     with pytest.raises(TypeError, match="takes an nnx.Module"):
         jn.wrap({"up": {"kernel": jnp.ones((2, 2))}}, CONFIGS["lora"], key=jax.random.key(2))
 
@@ -552,3 +556,17 @@ def test_goat_properties_on_nnx(stacked, jit):
     nnx.update(model, state)
     _, aux, _ = run(model, x)
     np.testing.assert_allclose(aux, 2.0 * n_layers, rtol=1e-6)
+
+
+def test_peft_export_import_round_trip(tmp_path):
+    """export_peft on params(model), import_peft into a fresh (unwrapped) model of the same base through update."""
+    x = _x()
+    cfg = jgoat.LoraConfig(rank=4, targets=["up", "down"])
+    model = jn.wrap(NnxMLP(nnx.Rngs(0)), cfg, key=jax.random.key(2))
+    jn.update(model, _nonzero_b(jn.params(model)))
+    jgoat.export_peft(jn.params(model), cfg, tmp_path)
+    fresh = NnxMLP(nnx.Rngs(0))
+    jn.update(fresh, jgoat.import_peft(jn.params(fresh), tmp_path))
+    assert isinstance(fresh.up.jgoat, jn.AdapterSlot)
+    np.testing.assert_array_equal(fresh(x), model(x))
+    _assert_close(nnx.state(fresh, jn.Adapter), nnx.state(model, jn.Adapter))
