@@ -346,12 +346,18 @@ def test_linear_general_and_einsum_equal_linen(method):
     _assert_close(grads, want_grads)
 
 
-@pytest.mark.parametrize(("remat", "jit"), [(False, False), (True, True)], ids=["plain-eager", "remat-jit"])
-def test_scanned_layers_equal_linen(remat, jit):
-    """nnx.vmap-built layers (kernels [3, in, out]) run by nnx.scan (and nnx.remat) vs linen's nn.scan."""
+@pytest.mark.parametrize(("remat", "jit", "nf4"), [(False, False, False), (True, True, False),
+                                             pytest.param(False, True, True, marks=pytest.mark.slow)],
+                         ids=["plain-eager", "remat-jit", "qlora-jit"])
+def test_scanned_layers_equal_linen(remat, jit, nf4):
+    """nnx.vmap-built layers (kernels [3, in, out]) run by nnx.scan (and nnx.remat) vs linen's nn.scan; with nf4 the
+    stacked kernels are NF4 and each scan step dequantises its own layer."""
     x = _x((2, 5, 16))
     linen = ScannedMLP(width=16, hidden=32, layers=3, remat=remat)
     params, model = _twin(linen, NnxScanned, x, remat=remat)
+    if nf4:
+        params = jgoat.quantize_nf4(params, targets=["up", "down"])
+        jn.quantize_nf4(model, targets=["up", "down"])
     cfg = jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets=["up", "down"])
     wrapped = jgoat.wrap(params, cfg, key=jax.random.key(2))
     jn.wrap(model, cfg, key=jax.random.key(2))
