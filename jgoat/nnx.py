@@ -16,7 +16,9 @@ qwix / tunix — train them too); frozen ones (GOAT / PiSSA residual offsets, Lo
 side tree because NNX's own transforms (``nnx.jit``, ``nnx.grad``, ``nnx.scan`` / ``nnx.vmap`` over stacked layers,
 ``nnx.remat``) then carry and slice the adapters together with their kernels, as ``nn.scan`` does on linen.
 
-How they run: registered linear classes get a method hook on ``__call__`` (installed once per class, on first use).
+How they run: registered linear classes get a method hook on ``__call__``: ``nnx.Linear``, ``nnx.LinearGeneral`` and
+``nnx.Einsum`` when this module is imported (so a graph rebuilt by ``nnx.merge`` runs its adapters), user classes when
+a model holding one is wrapped or updated.
 A module without a slot and without an NF4 kernel runs its own ``__call__`` untouched; an adapted one runs its own
 ``__call__`` for the base output and adds the adapter with ``jgoat.apply.adapted_output`` — the function linen's
 interceptor runs, so every method's forward (GOAT, LoRA family, DoRA, KaSA, GoRA, LoRI, IA³) is the one in
@@ -191,6 +193,10 @@ def _install(cls: type) -> None:
     owner = next(c for c in cls.__mro__ if "__call__" in vars(c))
     if not getattr(vars(owner)["__call__"], "__jgoat_hook__", False):
         owner.__call__ = _hooked(vars(owner)["__call__"])
+
+
+for _cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum):
+    _install(_cls)
 
 
 def _modules(model: nnx.Module) -> dict[tuple[str, ...], nnx.Module]:

@@ -457,6 +457,11 @@ def test_summary_and_tree_functions():
     assert jn.summary(model) == jgoat.summary(jn.params(model))
     assert "lora" in jn.summary(model)
     assert [p for p, _ in jgoat.adapters(jn.params(model))] == ["down", "up"]
+    x = _x()
+    graphdef, adapters, rest = nnx.split(model, jn.Adapter, ...)
+    assert sorted(_flat(adapters)) == ["down/jgoat/A", "down/jgoat/B", "up/jgoat/A", "up/jgoat/B"]
+    assert sorted(_flat(rest)) == ["down/bias", "down/jgoat/aux", "down/kernel", "up/bias", "up/jgoat/aux", "up/kernel"]
+    np.testing.assert_array_equal(nnx.merge(graphdef, adapters, rest)(x), model(x))
 
 
 def test_dropout_follows_train_and_eval():
