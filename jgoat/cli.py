@@ -713,7 +713,7 @@ def check_method(args: argparse.Namespace, task: tasks.Task) -> Any:
     return method_config(args, getattr(getattr(task.model, "config", None), "model_type", None))
 
 
-def _merge_results(path: pathlib.Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge_results(path: pathlib.Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """<out>/results.json's rows with these results replacing the rows of the same methods (other methods kept)."""
     try:
         old = json.loads(path.read_text()) if path.exists() else []
@@ -748,7 +748,7 @@ def train(args: argparse.Namespace, callbacks: Sequence[trainer.Callback] = ()) 
     for r in results:
         print(f"{r['method']:<10}{r[metric]:>15.4f}{r['seconds']:>10.1f}")
     path = pathlib.Path(args.out) / "results.json"
-    merged = _merge_results(path, results)
+    merged = merge_results(path, results)
     _write_atomic(path, json.dumps(merged, indent=2))
     if task.kind != "sft":
         try:

@@ -212,3 +212,18 @@ def test_fit_from_python_equals_the_cli_run_bit_for_bit(tiny_setup, tmp_path):
     for a, b in zip(jax.tree.leaves(jgoat.split(restored)[0]), jax.tree.leaves(jgoat.split(result.params)[0]),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_results_json_merges_by_method_and_is_replaced_atomically(tmp_path):
+    from jgoat import cli
+
+    path = tmp_path / "results.json"
+    first = cli.merge_results(path, [{"method": "frozen", "test_accuracy": 0.6, "summary": "x"},
+                                     {"method": "goat", "test_accuracy": 0.7, "summary": "x"}])
+    assert first == [{"method": "frozen", "test_accuracy": 0.6}, {"method": "goat", "test_accuracy": 0.7}]
+    path.write_text(json.dumps(first))
+    # a later run of another method keeps both rows; a re-run of goat replaces only goat's
+    assert cli.merge_results(path, [{"method": "lora", "test_accuracy": 0.75}]) == [*first, {"method": "lora",
+                                                                                             "test_accuracy": 0.75}]
+    assert cli.merge_results(path, [{"method": "goat", "test_accuracy": 0.8}]) == \
+        [first[0], {"method": "goat", "test_accuracy": 0.8}]
