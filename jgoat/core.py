@@ -104,8 +104,7 @@ class AdapterConfig:
             if isinstance(value, list):  # keep configs hashable
                 object.__setattr__(self, name, tuple(value))
             value = getattr(self, name)
-            if not isinstance(value, str) and not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{name} must be a regex string or a sequence of module names, got {value!r}")
+            check_rule_form(value, name)
         if self.targets == "" or self.targets == ():
             raise ValueError("targets is empty: give a regex, a list of module names, or 'all-linear'")
         if not 0.0 <= self.dropout < 1.0:
@@ -113,6 +112,23 @@ class AdapterConfig:
 
     def check_layer(self, path: str, in_features: int, out_features: int) -> None:
         """Raise a ValueError if this config cannot adapt a layer of this shape."""
+
+    @property
+    def reads_base(self) -> bool:
+        """Whether the init decomposes the base kernel (SVD, QR, norms): `wrap` then refuses a non-finite base."""
+        return False
+
+
+def check_rule_form(rule: Any, what: str) -> None:
+    """A targeting rule is a valid regex string or a sequence of module-name strings (a ValueError names `what`)."""
+    if isinstance(rule, str):
+        try:
+            re.compile(rule)
+        except re.error as e:
+            raise ValueError(f"{what}={rule!r} is not a valid regular expression: {e}") from None
+    elif isinstance(rule, (bytes, Mapping)) or not isinstance(rule, Sequence) \
+            or not all(isinstance(v, str) for v in rule):
+        raise ValueError(f"{what} must be a regex string or a sequence of module names, got {rule!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from jgoat.core import (
     adapter_leaves,
     check_name,
     check_rule,
+    check_rule_form,
     fingerprint,
     get_at,
     is_module,
@@ -132,12 +133,49 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
         return add_adapter(params, wrap(base, cfg, key=key, layouts=layouts), name=name)
     if slot_names(params):
         raise ValueError(f"params hold named adapters {slot_names(params)}: add another with name=...")
-    for path in select_targets(params, cfg, layouts):
+    unnamed = _unnamed_paths(params)
+    if unnamed:
+        raise ValueError(f"params are already wrapped (an adapter at '{unnamed[0]}'): wrap the base params once, or "
+                         "give every adapter a name=... to stack several on one base")
+    targets = select_targets(params, cfg, layouts)
+    for path in targets:
+        _check_interceptable(path, get_at(params, path)["kernel"], layouts)
+    if cfg.reads_base:
+        _check_finite_base(params, targets, cfg)
+    for path in targets:
         module = get_at(params, path)
         layout = layout_for(path, module["kernel"], layouts)
         adapter = init_layer(cfg, module["kernel"], layout, module_key(key, path), path_str(path))
         params = replace_at(params, path, lambda m, a=adapter: {**m, ADAPTER_KEY: a})
     return mark_trainable(params, cfg.modules_to_save) if cfg.modules_to_save else params
+
+
+def _check_interceptable(path: tuple[str, ...], kernel: Any, layouts: Mapping[str, Layout] | None) -> None:
+    """Refuse a target `jgoat.apply`'s interceptor would never reach (its adapter: trainable, never applied)."""
+    shape = tuple(kernel.shape)
+    if layouts is not None and path_str(path) not in layouts:
+        raise ValueError(f"target '{path_str(path)}' (kernel {shape}) is not a linear module jgoat.probe saw called "
+                         "as Dense / DenseGeneral / Einsum (or a registered class): jgoat cannot apply an adapter "
+                         "there; exclude it from the targets")
+    if layouts is None and not isinstance(getattr(kernel, "layout", None), Layout) and kernel.ndim >= 4:
+        raise ValueError(f"target '{path_str(path)}' holds a {kernel.ndim}-D kernel {shape}, a convolution's "
+                         "layout: jgoat applies adapters to linear modules (Dense, DenseGeneral, Einsum) only; "
+                         "exclude it, or pass layouts=jgoat.probe(model, params, x) if it is a stacked linear")
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all() if leaves else jnp.bool_(True)
+
+
+def _check_finite_base(params: Mapping, targets: Sequence[tuple[str, ...]], cfg: AdapterConfig) -> None:
+    """Refuse NaN/inf in a targeted kernel before an init decomposes it (one jitted reduction per kernel)."""
+    for path in targets:
+        kernel = get_at(params, path)["kernel"]
+        leaves = [x for x in jax.tree.leaves(kernel) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        if not bool(_all_finite(leaves)):
+            raise ValueError(f"base weight '{path_str(path)}/kernel' holds NaN or inf values: {type(cfg).__name__}'s "
+                             "init decomposes the base kernel, which must be finite; check the checkpoint")
 
 
 def mark_trainable(params: PyTree, modules: str | Sequence[str]) -> dict:
@@ -146,6 +184,7 @@ def mark_trainable(params: PyTree, modules: str | Sequence[str]) -> dict:
     Same rule forms as ``targets``; a rule matching no module is an error. Usable alone for head-only training.
     """
     params = to_dict(params)
+    check_rule_form(modules, "modules_to_save")
     paths = [p for p, _ in iter_modules(params) if p]
     check_rule(modules, paths, "modules_to_save")
     for path in paths:

@@ -80,6 +80,10 @@ class GoatConfig(AdapterConfig):
             raise ValueError(f"init_cof must be >= 0 or None (= 1/experts), got {self.init_cof}")
 
     @property
+    def reads_base(self) -> bool:
+        return self.init != "zero"  # the SVD inits
+
+    @property
     def expert_rank(self) -> int:
         return self.rank // self.experts
 

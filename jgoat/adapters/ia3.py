@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jgoat.adapters.base import AdapterConfig, Array, Context
-from jgoat.core import rule_matches
+from jgoat.core import check_rule_form, rule_matches
 
 # peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for Llama and Mistral:
 # the attention keys and values are scaled on their output, the MLP down projection on its input. (peft's Qwen2
@@ -60,8 +60,7 @@ class IA3Config(AdapterConfig):
         if isinstance(self.feedforward, list):
             object.__setattr__(self, "feedforward", tuple(self.feedforward))
         ff = self.feedforward
-        if not isinstance(ff, str) and not all(isinstance(v, str) for v in ff):
-            raise ValueError(f"feedforward must be a regex string or a sequence of module names, got {ff!r}")
+        check_rule_form(ff, "feedforward")
         if self.dropout != 0.0:
             raise ValueError(f"IA3 has no adapter dropout (peft's IA3Config has none); got dropout={self.dropout}")
         if not isinstance(ff, str) and not isinstance(self.targets, str):

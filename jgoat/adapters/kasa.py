@@ -78,6 +78,10 @@ class KasaConfig(AdapterConfig):
             raise ValueError(f"unknown truncation {self.truncation!r}; allowed: {', '.join(KASA_TRUNCATIONS)}")
 
     @property
+    def reads_base(self) -> bool:
+        return True  # the truncated SVD of the base
+
+    @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 

@@ -64,6 +64,10 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"use_dora=True supports init='kaiming' only, got init={self.init!r}")
 
     @property
+    def reads_base(self) -> bool:
+        return self.use_dora or self.init not in ("kaiming", "gaussian")  # SVD / QR inits, DoRA's column norms
+
+    @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
