@@ -35,6 +35,7 @@ from jgoat.interop import default_torch_name, export_goat, export_peft, import_g
 from jgoat.quant import NF4Kernel, dequantize, dequantize_tree, quantize_nf4
 from jgoat.sharding import (
     batch_sharding,
+    compiled_memory,
     create_state,
     mesh,
     restore_sharded,
@@ -93,6 +94,7 @@ __all__ = [
     "NonFiniteError",
     "TensorBoardLogger",
     "batch_sharding",
+    "compiled_memory",
     "create_state",
     "fit",
     "adamw_cosine",

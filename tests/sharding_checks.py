@@ -46,6 +46,8 @@ KERNEL_AXES = {
     "query": ("fsdp", "tensor"), "key": ("fsdp", "tensor"), "value": ("fsdp", "tensor"),
     "attention/output/dense": ("tensor", "fsdp"), "intermediate/dense": ("fsdp", "tensor"),
     "output/dense": ("tensor", "fsdp"), "pooler/dense": ("fsdp", None), "classifier": ("fsdp", None),
+    "fc1": ("fsdp", "tensor"), "fc2": ("tensor", "fsdp"), "out_proj": ("tensor", "fsdp"),
+    "classifier/dense": ("fsdp", None), "classifier/out_proj": ("fsdp", None),
 }
 
 
@@ -176,14 +178,20 @@ def base_spec(path, shape, mesh) -> P:
     parts = path.split("/")
     name = parts[-1]
     lead = [None] * (len(shape) - 2)
+    if name == "kernel" and parts[-2] in ("patch_embedding", "projection"):  # conv [h, w, c, D]
+        return as_spec(fit(shape, [None, None, None, "fsdp"], mesh))
     if name == "kernel":
         return as_spec(fit(shape, [*lead, *kernel_axes("/".join(parts[:-1]))], mesh))
+    if parts[-2] == "mlp" and name in ("gate_proj", "up_proj", "down_proj", "router"):  # MoE [L, E, D, F], [L, D, E]
+        axes = {"gate_proj": ["expert", "fsdp", "tensor"], "up_proj": ["expert", "fsdp", "tensor"],
+                "down_proj": ["expert", "tensor", "fsdp"], "router": ["fsdp", None]}[name]
+        return as_spec(fit(shape, [None] * (len(shape) - len(axes)) + axes, mesh))
     if name == "embedding" and parts[-2] in ("embed_tokens", "word_embeddings"):
         return as_spec(fit(shape, ["tensor", "fsdp"], mesh))
     if name == "embedding":  # position / token type tables
         return as_spec(fit(shape, [None, "fsdp"], mesh))
     if name == "bias" and (parts[-2] in ("q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj",
-                                         "up_proj") or path.endswith("intermediate/dense/bias")):
+                                         "up_proj", "fc1") or path.endswith("intermediate/dense/bias")):
         return as_spec(fit(shape, [None] * (len(shape) - 1) + ["tensor"], mesh))
     return P(*([None] * len(shape)))
 
@@ -444,6 +452,34 @@ def run_user_rules(report):
                                    jax.tree_util.tree_flatten_with_path(tree)[0]} for name, tree in spec.items()}
 
 
+def run_families(report):
+    """The default rules on every other jgoat.models family (abstract shapes, LoRA on all-linear, mesh (1,4,2))."""
+    from jgoat.models import CLIPForImageClassification, CLIPVisionConfig, ViTConfig, ViTForImageClassification
+
+    ids, img = jnp.zeros((2, 8), jnp.int32), jnp.zeros((1, 32, 32, 3))
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    families = {
+        "llama_unrolled": (LlamaForCausalLM(dataclasses.replace(LLAMA, scan_layers=False)), ids),
+        "llama_moe_tied": (LlamaForCausalLM(dataclasses.replace(LLAMA, moe_experts=4, tie_word_embeddings=True)),
+                           ids),
+        "roberta": (BertForSequenceClassification(dataclasses.replace(BERT, model_type="roberta")), ids),
+        "clip": (CLIPForImageClassification(CLIPVisionConfig(**vision)), img),
+        "vit": (ViTForImageClassification(ViTConfig(**vision)), img),
+    }
+    mesh = jgoat.mesh(data=1, fsdp=4, tensor=2, expert=1)
+    out = {}
+    for name, (model, x) in families.items():
+        params = jax.eval_shape(lambda m=model, x=x: m.init(jax.random.key(0), x)["params"])
+        wrapped = jax.eval_shape(lambda p: jgoat.wrap(p, jgoat.LoraConfig(rank=4), key=jax.random.key(1)), params)
+        sh = jgoat.shardings(wrapped, mesh)
+        placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), wrapped, sh)
+        out[name] = {"mismatched_specs": spec_mismatches(placed, mesh),
+                     "sharded_leaves": sum(any(s.spec) for s in jax.tree.leaves(sh)),
+                     "leaves": len(jax.tree.leaves(sh))}
+    report["families"] = out
+
+
 def main(out_path: str, parts: list[str]):
     assert jax.device_count() == 8, jax.devices()
     report = {"equivalence": {}, "memory": {}}
@@ -455,4 +491,4 @@ def main(out_path: str, parts: list[str]):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else
-         ["equivalence", "memory", "checkpoint", "errors", "user_rules"])
+         ["equivalence", "memory", "checkpoint", "errors", "user_rules", "families"])

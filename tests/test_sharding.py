@@ -119,3 +119,12 @@ def test_user_model_default_and_rules(report):
     assert u["ruled"]["up/kernel"] == "('fsdp', 'tensor')" and u["ruled"]["down/kernel"] == "('tensor', 'fsdp')"
     assert u["ruled"]["up/jgoat/A"] == "('fsdp', None)" and u["ruled"]["up/jgoat/B"] == "(None, ('tensor', 'fsdp'))"
     assert u["relabelled"]["up/kernel"] == "('fsdp', None)"
+
+
+@pytest.mark.parametrize("family", ["llama_unrolled", "llama_moe_tied", "roberta", "clip", "vit"])
+def test_default_rules_cover_every_model_family(report, family):
+    """Unrolled and MoE decoders, RoBERTa, CLIP vision and ViT (LoRA on all-linear, mesh data=1 fsdp=4 tensor=2):
+    every leaf has the expected sharding, and most leaves are sharded at all."""
+    entry = report["families"][family]
+    assert entry["mismatched_specs"] == []
+    assert entry["sharded_leaves"] >= entry["leaves"] // 2, entry
