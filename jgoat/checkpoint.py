@@ -9,6 +9,8 @@ good checkpoint.
 
 from __future__ import annotations
 
+import json
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,9 +26,27 @@ PyTree = Any
 __all__ = ["adapter_leaves", "fingerprint", "latest_step", "read_adapters", "restore", "save"]
 
 
-def _manager(directory: str | os.PathLike, max_to_keep: int | None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+def _manager(directory: str | os.PathLike, max_to_keep: int | None, *, create: bool = False) -> ocp.CheckpointManager:
+    """Orbax's manager for `directory`; only `save` creates it, readers refuse a missing one (never create it)."""
+    if not create and not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _check_metadata(metadata: Any) -> dict:
+    """A JSON-serialisable copy of `metadata` (a ValueError names the first key that is not), checked before any
+    write so that a refused save leaves nothing on disk."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a mapping of JSON-serialisable values, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata[{key!r}] is not JSON-serialisable ({e}); nothing was saved") from None
+    return dict(metadata)
 
 
 def save(
@@ -48,6 +68,9 @@ def save(
       metadata: JSON-serialisable extras, e.g. {"data_position": 1234, "config": {...}}.
       max_to_keep: keep only the newest N steps (None keeps all).
     """
+    if isinstance(step, bool) or not hasattr(step, "__index__") or operator.index(step) < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    extras = _check_metadata(metadata)
     leaves = adapter_leaves(tree)
     if not leaves:
         raise ValueError("tree holds no adapters: wrap it with jgoat.wrap before saving")
@@ -59,9 +82,9 @@ def save(
         "adapter_paths": list(leaves),
         "adapter_shapes": [list(x.shape) for x in leaves.values()],
         "opt_leaves": len(opt_leaves),
-        "metadata": dict(metadata or {}),
+        "metadata": extras,
     }
-    with _manager(directory, max_to_keep) as mngr:
+    with _manager(directory, max_to_keep, create=True) as mngr:
         items = {"adapter": ocp.args.StandardSave(arrays), "record": ocp.args.JsonSave(record)}
         if opt_leaves:
             items["opt"] = ocp.args.StandardSave(opt_leaves)
