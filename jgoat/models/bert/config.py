@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from jgoat import hooks
+from jgoat.models.attention import check_attention_impl
 from jgoat.models.common import ACTIVATIONS
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
@@ -23,7 +24,9 @@ class BertConfig:
     """Architecture of a BERT or RoBERTa encoder (field names and defaults follow HF's ``BertConfig``).
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype of freshly initialised parameters; ``remat``
-    rematerialises each encoder layer in the backward pass (same parameter tree, less activation memory).
+    rematerialises each encoder layer in the backward pass (same parameter tree, less activation memory);
+    ``attention_impl`` picks the attention kernel (``"xla"``, ``"cudnn"`` or None: auto, see
+    :mod:`jgoat.models.attention`).
     """
 
     vocab_size: int = 30522
@@ -45,10 +48,12 @@ class BertConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention_impl: str | None = None
 
     hook_layout: ClassVar[str] = hooks.ENCODER  # sizes for bottleneck adapters (jgoat.hooks.EncoderSizes)
 
     def __post_init__(self):
+        check_attention_impl(self.attention_impl)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"Unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -96,7 +101,7 @@ class BertConfig:
             raise ValueError(f"Only absolute position embeddings are supported, got {hf['position_embedding_type']!r}")
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise ValueError("Decoder / cross-attention BERT configs are not supported (encoder only)")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", "attention_impl"}
         values = {**_FAMILY_DEFAULTS[model_type], **{k: v for k, v in hf.items() if k in names}}
         if "num_labels" not in values and hf.get("id2label"):
             values["num_labels"] = len(hf["id2label"])

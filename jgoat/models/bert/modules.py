@@ -15,6 +15,7 @@ F intermediate size, C labels.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jgoat import hooks
+from jgoat.models import attention
 from jgoat.models.bert.config import BertConfig
 from jgoat.models.common import ACTIVATIONS
 
@@ -120,12 +122,13 @@ class BertSelfAttention(nn.Module):
             return _dense(cfg, cfg.hidden_size, name)(x_BxTxD).reshape(B, T, N, H)
 
         q_BxTxNxH, k_BxSxNxH, v_BxSxNxH = heads("query"), heads("key"), heads("value")
-        # Scores and softmax in fp32 (a no-op for fp32 compute, keeps bf16 compute stable).
-        scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH).astype(jnp.float32)
-        scores_BxNxTxS = scores_BxNxTxS * (H**-0.5) + bias_Bx1x1xS.astype(jnp.float32)
-        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(cfg.dtype)
-        probs_BxNxTxS = nn.Dropout(cfg.attention_probs_dropout_prob)(probs_BxNxTxS, deterministic=deterministic)
-        out_BxTxNxH = jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS, v_BxSxNxH)
+        dropout = None
+        if cfg.attention_probs_dropout_prob > 0 and not deterministic:
+            dropout = functools.partial(nn.Dropout(cfg.attention_probs_dropout_prob), deterministic=False)
+        out_BxTxNxH = attention.dot_product_attention(
+            q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, None, bias_Bx1xTxS=bias_Bx1x1xS, dtype=cfg.dtype,
+            impl=cfg.attention_impl, dropout=dropout,
+        )
         return out_BxTxNxH.reshape(B, T, N * H)
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jgoat import hooks
+from jgoat.models.attention import check_attention_impl
 from jgoat.models.common import ACTIVATIONS
 
 DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -58,6 +59,8 @@ class LlamaConfig:
       sliding_window: Mistral / Qwen2 sliding-window attention. Not implemented: a forward pass whose key length
         (sequence, or KV cache) exceeds the window raises (within it, the window changes nothing).
       attention_dropout: dropout on attention probabilities when ``deterministic=False``.
+      attention_impl: ``"xla"``, ``"cudnn"`` or None (auto: cuDNN on GPU for bf16/fp16 and a supported head size,
+        XLA elsewhere); see :mod:`jgoat.models.attention`.
       dtype: compute dtype; param_dtype: dtype of freshly initialised parameters. Attention scores, softmax,
         RMSNorm statistics and RoPE angles are always computed in float32.
       scan_layers: run the layers under ``nn.scan`` (params stacked on a leading layer axis) or unrolled
@@ -86,6 +89,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     attention_dropout: float = 0.0
+    attention_impl: str | None = None
     initializer_range: float = 0.02
     model_type: str = "llama"
     dtype: Any = jnp.float32
@@ -98,6 +102,7 @@ class LlamaConfig:
     hook_layout: ClassVar[str] = hooks.DECODER  # sizes for prefix / bottleneck adapters (jgoat.hooks.DecoderSizes)
 
     def __post_init__(self):
+        check_attention_impl(self.attention_impl)
         if self.model_type not in DECODER_MODEL_TYPES:
             raise ValueError(
                 f"Unsupported model_type {self.model_type!r}; supported: {', '.join(DECODER_MODEL_TYPES)}"
@@ -181,7 +186,7 @@ class LlamaConfig:
         if model_type not in DECODER_MODEL_TYPES:
             raise ValueError(f"Unsupported model_type {model_type!r}; supported: {', '.join(DECODER_MODEL_TYPES)}")
         skip = {"dtype", "param_dtype", "scan_layers", "remat_policy", "rope_scaling", "rope_theta", "model_type",
-                "qkv_bias", "o_bias", "sliding_window"}
+                "qkv_bias", "o_bias", "sliding_window", "attention_impl"}
         names = {f.name for f in dataclasses.fields(cls)} - skip
         values = {**_FAMILY_DEFAULTS[model_type], **{k: v for k, v in hf.items() if k in names and v is not None}}
         if hf.get("attention_bias"):  # Llama: one flag for q/k/v/o

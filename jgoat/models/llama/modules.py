@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgoat import hooks
+from jgoat.models import attention
 from jgoat.models.common import ACTIVATIONS
 from jgoat.models.llama.config import IGNORE_INDEX, LLAMA3_KEYS, REMAT_POLICIES, LlamaConfig
 
@@ -133,10 +134,10 @@ class LlamaAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxTxD, keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
+    def __call__(self, x_BxTxD, keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
         cfg = self.config
         B, T, _ = x_BxTxD.shape
-        N, K, G, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_key_value_groups, cfg.head_dim
+        N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_BxTxNxH = _dense(cfg, N * H, cfg.qkv_bias, "q_proj")(x_BxTxD).reshape(B, T, N, H)
         k_BxTxKxH = _dense(cfg, K * H, cfg.qkv_bias, "k_proj")(x_BxTxD).reshape(B, T, K, H)
         v_BxTxKxH = _dense(cfg, K * H, cfg.qkv_bias, "v_proj")(x_BxTxD).reshape(B, T, K, H)
@@ -144,7 +145,7 @@ class LlamaAttention(nn.Module):
         k_BxSxKxH = apply_rope(k_BxTxKxH, cos_BxTxH, sin_BxTxH)
         v_BxSxKxH = v_BxTxKxH
         if self.decode:
-            S = keep_Bx1x1xTxS.shape[-1]
+            S = keep_Bx1xTxS.shape[-1]
             cached_k = self.variable("cache", "cached_key", jnp.zeros, (B, S, K, H), cfg.dtype)
             cached_v = self.variable("cache", "cached_value", jnp.zeros, (B, S, K, H), cfg.dtype)
             start = (0, slot0, 0, 0)
@@ -156,19 +157,16 @@ class LlamaAttention(nn.Module):
             pre_2xBxPxKxH = jnp.broadcast_to(prefix_2xPxKxH[:, None].astype(cfg.dtype), (2, B, P, K, H))
             k_BxSxKxH = jnp.concatenate([pre_2xBxPxKxH[0], k_BxSxKxH.astype(cfg.dtype)], axis=1)
             v_BxSxKxH = jnp.concatenate([pre_2xBxPxKxH[1], v_BxSxKxH.astype(cfg.dtype)], axis=1)
-            ones_Bx1x1xTxP = jnp.ones((*keep_Bx1x1xTxS.shape[:-1], P), bool)
-            keep_Bx1x1xTxS = jnp.concatenate([ones_Bx1x1xTxP, keep_Bx1x1xTxS], axis=-1)
-        # Query head n uses KV head n // G (HF's repeat_kv): split N as (K, G).
-        q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
-        scores_BxKxGxTxS = jnp.einsum(
-            "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-        ).astype(jnp.float32) * (H**-0.5)
-        scores_BxKxGxTxS = jnp.where(keep_Bx1x1xTxS, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(cfg.dtype)
-        if cfg.attention_dropout > 0:
-            probs_BxKxGxTxS = nn.Dropout(cfg.attention_dropout)(probs_BxKxGxTxS, deterministic=self.deterministic)
-        out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH.astype(cfg.dtype))
-        o_BxTxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out_BxTxKxGxH.reshape(B, T, N * H))
+            ones_Bx1xTxP = jnp.ones((*keep_Bx1xTxS.shape[:-1], P), bool)
+            keep_Bx1xTxS = jnp.concatenate([ones_Bx1xTxP, keep_Bx1xTxS], axis=-1)
+        dropout = None
+        if cfg.attention_dropout > 0 and not self.deterministic:
+            drop = nn.Dropout(cfg.attention_dropout)
+            dropout = functools.partial(drop, deterministic=False)
+        out_BxTxNxH = attention.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, keep_Bx1xTxS, dtype=cfg.dtype, impl=cfg.attention_impl, dropout=dropout
+        )
+        o_BxTxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out_BxTxNxH.reshape(B, T, N * H))
         return hooks.bottleneck_output(self, o_BxTxD)
 
 
@@ -229,11 +227,11 @@ class LlamaDecoderLayer(nn.Module):
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
+    def __call__(self, x_BxTxD, keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
         cfg = self.config
         attn = LlamaAttention(cfg, decode=self.decode, deterministic=self.deterministic, name="self_attn")
         h_BxTxD = _rms_norm(cfg, "input_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + attn(h_BxTxD, keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH)
+        x_BxTxD = x_BxTxD + attn(h_BxTxD, keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH)
         h_BxTxD = _rms_norm(cfg, "post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + (LlamaMoeMLP if cfg.moe_experts else LlamaMLP)(cfg, name="mlp")(h_BxTxD)
         return x_BxTxD, (x_BxTxD if self.emit_hidden else None)
@@ -341,7 +339,7 @@ class LlamaModel(nn.Module):
         q_slot_T = slot0 + jnp.arange(T, dtype=jnp.int32)
         causal_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slot_T[:, None]
         keep_BxTxS = causal_TxS[None, :, :] & attention_mask.astype(bool)[:, None, :]
-        keep_Bx1x1xTxS = keep_BxTxS[:, None, None, :, :]
+        keep_Bx1xTxS = keep_BxTxS[:, None, :, :]
         cos_BxTxH, sin_BxTxH = rope_cos_sin(position_ids_BxT, cfg)
 
         x_BxTxD = nn.Embed(
@@ -359,7 +357,7 @@ class LlamaModel(nn.Module):
         if cfg.remat_policy is not None and not decode:
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         kwargs = dict(decode=decode, deterministic=deterministic, emit_hidden=output_hidden_states)
-        args = (keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0)
+        args = (keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0)
         hidden: list[jax.Array] = [x_BxTxD]
         if cfg.scan_layers:
             in_axes = (nn.broadcast,) * len(args)

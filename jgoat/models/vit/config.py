@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jgoat.models.attention import check_attention_impl
 from jgoat.models.common import ACTIVATIONS
 
 VISION_MODEL_TYPES = ("vit", "clip", "clip_vision_model")
@@ -25,7 +26,8 @@ def _as_int_size(value: Any, name: str) -> int:
 
 
 def _config_values(cls, hf: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", "num_labels"}
+    skip = {"dtype", "param_dtype", "remat", "num_labels", "attention_impl"}
+    names = {f.name for f in dataclasses.fields(cls)} - skip
     values = {k: v for k, v in hf.items() if k in names}
     for key in ("image_size", "patch_size"):
         if key in values:
@@ -47,6 +49,8 @@ class CLIPVisionConfig:
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype of freshly initialised parameters; ``remat``
     rematerialises each encoder layer in the backward pass. ``num_labels`` sizes the classification head.
+    ``attention_impl`` picks the attention kernel (``"xla"``, ``"cudnn"`` or None: auto, see
+    :mod:`jgoat.models.attention`).
     """
 
     hidden_size: int = 768
@@ -65,6 +69,7 @@ class CLIPVisionConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention_impl: str | None = None
 
     model_type = "clip"  # class constant: the family, for messages and the loader
 
@@ -113,8 +118,8 @@ class CLIPVisionConfig:
 class ViTConfig:
     """Architecture of a ViT (field names and defaults follow HF's ``ViTConfig``: ViT-B/16).
 
-    ``pooler_output_size`` None means ``hidden_size``; ``dtype``, ``param_dtype``, ``remat`` and ``num_labels`` as
-    in :class:`CLIPVisionConfig`.
+    ``pooler_output_size`` None means ``hidden_size``; ``dtype``, ``param_dtype``, ``remat``, ``num_labels`` and
+    ``attention_impl`` as in :class:`CLIPVisionConfig`.
     """
 
     hidden_size: int = 768
@@ -136,6 +141,7 @@ class ViTConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention_impl: str | None = None
 
     model_type = "vit"
 
@@ -183,6 +189,7 @@ VisionConfig = CLIPVisionConfig | ViTConfig
 
 
 def _check_architecture(cfg: VisionConfig) -> None:
+    check_attention_impl(cfg.attention_impl)
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of {cfg.num_attention_heads} heads")
     if cfg.hidden_act not in ACTIVATIONS:

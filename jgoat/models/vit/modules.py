@@ -28,12 +28,14 @@ Shapes in names: B batch, H/W image height/width, C channels, P patch size, G pa
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jgoat.models import attention
 from jgoat.models.common import ACTIVATIONS
 from jgoat.models.vit.config import CLIPVisionConfig, VisionConfig, ViTConfig
 
@@ -99,15 +101,19 @@ def _patches(conv: nn.Conv, pixel_values_BxHxWxC: jax.Array) -> jax.Array:
     return x_BxGxGxD.reshape(B, G1 * G2, D)
 
 
-def _attention(q_BxTxD, k_BxTxD, v_BxTxD, num_heads: int, dropout: nn.Dropout, *, deterministic: bool):
-    """Unmasked multi-head attention; scores and softmax in fp32, probabilities back in the compute dtype."""
+def _attention(cfg: VisionConfig, q_BxTxD, k_BxTxD, v_BxTxD, rate: float, *, deterministic: bool):
+    """Unmasked multi-head attention (:func:`jgoat.models.attention.dot_product_attention`), dropout ``rate`` on the
+    probabilities when not ``deterministic``."""
     B, T, D = q_BxTxD.shape
-    N, K = num_heads, D // num_heads
-    q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = (x.reshape(B, T, N, K) for x in (q_BxTxD, k_BxTxD, v_BxTxD))
-    scores_BxNxTxT = jnp.einsum("btnk,bsnk->bnts", q_BxTxNxK, k_BxTxNxK).astype(jnp.float32) * (K**-0.5)
-    probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT, axis=-1).astype(v_BxTxD.dtype)
-    probs_BxNxTxT = dropout(probs_BxNxTxT, deterministic=deterministic)
-    return jnp.einsum("bnts,bsnk->btnk", probs_BxNxTxT, v_BxTxNxK).reshape(B, T, D)
+    N = cfg.num_attention_heads
+    q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (x.reshape(B, T, N, D // N) for x in (q_BxTxD, k_BxTxD, v_BxTxD))
+    dropout = None
+    if rate > 0 and not deterministic:
+        dropout = functools.partial(nn.Dropout(rate), deterministic=False)
+    out_BxTxNxH = attention.dot_product_attention(
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, None, dtype=cfg.dtype, impl=cfg.attention_impl, dropout=dropout
+    )
+    return out_BxTxNxH.reshape(B, T, D)
 
 
 class VisionModelOutput(NamedTuple):
@@ -156,9 +162,7 @@ class CLIPAttention(nn.Module):
         cfg = self.config
         D = cfg.hidden_size
         q, k, v = (_dense(cfg, D, name)(x_BxTxD) for name in ("q_proj", "k_proj", "v_proj"))
-        a_BxTxD = _attention(
-            q, k, v, cfg.num_attention_heads, nn.Dropout(cfg.attention_dropout), deterministic=deterministic
-        )
+        a_BxTxD = _attention(cfg, q, k, v, cfg.attention_dropout, deterministic=deterministic)
         return _dense(cfg, D, "out_proj")(a_BxTxD)
 
 
@@ -304,8 +308,7 @@ class ViTSelfAttention(nn.Module):
     def __call__(self, x_BxTxD, *, deterministic: bool):
         cfg = self.config
         q, k, v = (_dense(cfg, cfg.hidden_size, n, use_bias=cfg.qkv_bias)(x_BxTxD) for n in ("query", "key", "value"))
-        dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
-        return _attention(q, k, v, cfg.num_attention_heads, dropout, deterministic=deterministic)
+        return _attention(cfg, q, k, v, cfg.attention_probs_dropout_prob, deterministic=deterministic)
 
 
 class ViTDenseDropout(nn.Module):
