@@ -124,7 +124,8 @@ def test_cosine_schedule_equals_transformers_step_by_step(total, ratio):
     transformers = pytest.importorskip("transformers")
     lr = 1e-3
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    args = transformers.TrainingArguments(output_dir="unused", warmup_ratio=ratio, report_to=[])
+    # transformers 5: warmup_steps < 1 is the ratio (it replaced warmup_ratio); ceil(total · ratio) steps
+    args = transformers.TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[])
     warmup = args.get_warmup_steps(total)
     scheduler = transformers.get_cosine_schedule_with_warmup(opt, warmup, total)
     theirs = []
