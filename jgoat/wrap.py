@@ -134,9 +134,13 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
     if slot_names(params):
         raise ValueError(f"params hold named adapters {slot_names(params)}: add another with name=...")
     unnamed = _unnamed_paths(params)
-    if unnamed:
-        raise ValueError(f"params are already wrapped (an adapter at '{unnamed[0]}'): wrap the base params once, or "
-                         "give every adapter a name=... to stack several on one base")
+    if unnamed:  # adding adapters to other modules is fine (per-module configs); wrapping a module twice is not
+        base = map_slots(params, lambda slot: slot if isinstance(slot, TrainModule) else None)
+        again = [path_str(p) for p in select_targets(base, cfg, layouts) if path_str(p) in unnamed]
+        if again:
+            raise ValueError(f"params are already wrapped: '{again[0]}' holds an adapter that {type(cfg).__name__}"
+                             "'s targets select again; wrap the base params once, or give every adapter a name=... "
+                             "to stack several on one base")
     targets = select_targets(params, cfg, layouts)
     for path in targets:
         _check_interceptable(path, get_at(params, path)["kernel"], layouts)

@@ -282,8 +282,12 @@ def test_custom_torch_name(tmp_path):
     got, _ = _peft_logits(Outer(_fresh(_mlp)), tmp_path, x)
     _close("custom torch_name dora: peft logits", got, _jgoat_logits(FlaxMLP(), wrapped, x))
     chex.assert_trees_all_equal(import_peft(params, tmp_path, torch_name=torch_name), wrapped)
+    chex.assert_trees_all_equal(import_peft(params, tmp_path), wrapped)  # the mapping recorded by export_peft
     with pytest.raises(ValueError, match="unknown key 'base_model.model.net.fc1.lora_A.weight'"):
-        import_peft(params, tmp_path)  # default names: net.* names no module
+        import_peft(params, tmp_path, torch_name=default_torch_name)  # default names: net.* names no module
+    os.remove(os.path.join(tmp_path, "jgoat_torch_names.json"))
+    with pytest.raises(ValueError, match="unknown key 'base_model.model.net.fc1.lora_A.weight'"):
+        import_peft(params, tmp_path)  # a folder from peft itself: the default names
 
 
 def test_modules_to_save(tmp_path):
@@ -552,10 +556,10 @@ def test_gora_export_refuses_another_config(tmp_path):
 def test_goat_round_trip_exact(tmp_path):
     base, params = _mlp()
     wrapped = _perturb(jgoat.wrap(params, GOAT_CFG, key=jax.random.key(0)), 8)
-    export_goat(wrapped, GOAT_CFG, tmp_path, fingerprint="sha256:base-a")
+    export_goat(wrapped, GOAT_CFG, tmp_path)
     with open(os.path.join(tmp_path, "goat_config.json")) as f:
         meta = json.load(f)
-    assert meta["format_version"] == 1 and meta["base_fingerprint"] == "sha256:base-a"
+    assert meta["format_version"] == 1 and meta["base_fingerprint"] == jgoat.fingerprint(wrapped)
     assert meta["jgoat_version"] == jgoat.__version__ and meta["config_class"] == "GoatConfig"
     assert set(meta["config"]) >= {"rank", "experts", "top_k", "init", "scaling", "alpha", "eta", "rho",
                                    "init_cof", "aux_form", "dropout_mode", "targets", "dropout"}
@@ -564,7 +568,7 @@ def test_goat_round_trip_exact(tmp_path):
     assert {"fc1/jgoat/router", "fc1/jgoat/res_A", "fc2/jgoat/res_B", "head/kernel", "head/bias"} <= keys
 
     for onto in (params, jgoat.wrap(params, GOAT_CFG, key=jax.random.key(9))):
-        tree, cfg = import_goat(onto, tmp_path, fingerprint="sha256:base-a")
+        tree, cfg = import_goat(onto, tmp_path)
         assert cfg == GOAT_CFG
         chex.assert_trees_all_equal(tree, wrapped)
     x = _x((4, IN))
@@ -574,20 +578,22 @@ def test_goat_round_trip_exact(tmp_path):
 def test_goat_fingerprint_mismatch(tmp_path):
     base, params = _mlp()
     wrapped = jgoat.wrap(params, GOAT_CFG, key=jax.random.key(0))
-    export_goat(wrapped, GOAT_CFG, tmp_path, fingerprint="sha256:base-a")
-    with pytest.raises(ValueError, match="fingerprint mismatch.*'sha256:base-a'.*'sha256:base-b'"):
-        import_goat(params, tmp_path, fingerprint="sha256:base-b")
+    export_goat(wrapped, GOAT_CFG, tmp_path)
+    other = {**params, "fc2": {**params["fc2"], "kernel": params["fc2"]["kernel"] * 2}}
+    want, got = jgoat.fingerprint(wrapped), jgoat.fingerprint(jgoat.wrap(other, GOAT_CFG, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match=f"fingerprint mismatch.*'{want}'.*'{got}'"):
+        import_goat(other, tmp_path)
 
 
 def test_goat_stacked_and_molora(tmp_path):
     base, params = _stack()
     cfg = jgoat.MoLoraConfig(rank=8, experts=4, top_k=1, targets=["fc1", "fc2"], dropout=0.05)
     wrapped = _perturb(jgoat.wrap(params, cfg, key=jax.random.key(0)), 10)
-    export_goat(wrapped, cfg, tmp_path, fingerprint="fp")
+    export_goat(wrapped, cfg, tmp_path)
     with open(os.path.join(tmp_path, "goat_config.json")) as f:
         meta = json.load(f)
     assert [m["stack"] for m in meta["modules"]] == [[L], [L]]
-    tree, cfg2 = import_goat(params, tmp_path, fingerprint="fp")
+    tree, cfg2 = import_goat(params, tmp_path)
     assert type(cfg2) is jgoat.MoLoraConfig and cfg2 == cfg
     chex.assert_trees_all_equal(tree, wrapped)  # no residual for init="zero": absent in the file, None here
     assert tree["layers"]["fc1"]["jgoat"].res_A is None
@@ -597,18 +603,28 @@ def test_goat_errors(tmp_path):
     base, params = _mlp()
     lora = jgoat.wrap(params, jgoat.LoraConfig(rank=4, alpha=8.0, targets=["fc1", "fc2"]), key=jax.random.key(0))
     with pytest.raises(ValueError, match="non-GOAT"):
-        export_goat(lora, GOAT_CFG, tmp_path, fingerprint="fp")
+        export_goat(lora, GOAT_CFG, tmp_path)
     with pytest.raises(ValueError, match="no GOAT adapter"):
-        export_goat(params, GOAT_CFG, tmp_path, fingerprint="fp")
+        export_goat(params, GOAT_CFG, tmp_path)
     wrapped = jgoat.wrap(params, GOAT_CFG, key=jax.random.key(0))
     with pytest.raises(ValueError, match="does not match cfg"):
-        export_goat(wrapped, jgoat.GoatConfig(rank=8, experts=4, top_k=1, targets=["fc1"]), tmp_path,
-                    fingerprint="fp")
-    export_goat(wrapped, GOAT_CFG, tmp_path, fingerprint="fp")
+        export_goat(wrapped, jgoat.GoatConfig(rank=8, experts=4, top_k=1, targets=["fc1"]), tmp_path)
+    export_goat(wrapped, GOAT_CFG, tmp_path)
     other = {**params, "fc1": {"kernel": jnp.zeros((IN, HID + 1)), "bias": jnp.zeros((HID + 1,))}}
+    with pytest.raises(ValueError, match="fingerprint mismatch"):  # another base: refused before its layout
+        import_goat(other, tmp_path)
+    meta_path = os.path.join(tmp_path, "goat_config.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["modules"][0]["in_features"] += 1  # a file that lies about its layout, on the right base
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
     with pytest.raises(ValueError, match="'fc1': kernel"):
-        import_goat(other, tmp_path, fingerprint="fp")
+        import_goat(params, tmp_path)
+    meta["modules"][0]["in_features"] -= 1
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
     path = os.path.join(tmp_path, "goat_adapter.safetensors")
     save_file({**load_file(path), "fc9/jgoat/A": np.zeros((1,), np.float32)}, path)
     with pytest.raises(ValueError, match=r"unknown tensors \['fc9/jgoat/A'\]"):
-        import_goat(params, tmp_path, fingerprint="fp")
+        import_goat(params, tmp_path)

@@ -235,8 +235,8 @@ def test_export_named_adapter_equals_single_export(tmp_path):
     jgoat.export_peft(tree, CONFIGS["a"], tmp_path / "named", adapter="a")
     jgoat.export_peft(single("a"), CONFIGS["a"], tmp_path / "single")
     same_folders(tmp_path / "named", tmp_path / "single")
-    jgoat.export_goat(tree, CONFIGS["g"], tmp_path / "goat", fingerprint="fp", adapter="g")
-    jgoat.export_goat(single("g"), CONFIGS["g"], tmp_path / "goat1", fingerprint="fp")
+    jgoat.export_goat(tree, CONFIGS["g"], tmp_path / "goat", adapter="g")
+    jgoat.export_goat(single("g"), CONFIGS["g"], tmp_path / "goat1")
     same_folders(tmp_path / "goat", tmp_path / "goat1")
     with pytest.raises(ValueError, match="pass adapter=<name>"):
         jgoat.export_peft(tree, CONFIGS["a"], tmp_path / "x")

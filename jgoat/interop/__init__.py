@@ -9,7 +9,14 @@ from jgoat.interop.goat import (
     export_goat,
     import_goat,
 )
-from jgoat.interop.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, default_torch_name, export_peft, import_peft
+from jgoat.interop.peft import (
+    PEFT_CONFIG_FILE,
+    PEFT_NAMES_FILE,
+    PEFT_WEIGHTS_FILE,
+    default_torch_name,
+    export_peft,
+    import_peft,
+)
 
 __all__ = [
     "GOAT_CONFIG_FILE",
@@ -17,6 +24,7 @@ __all__ = [
     "GOAT_FORMAT_VERSION",
     "GOAT_WEIGHTS_FILE",
     "PEFT_CONFIG_FILE",
+    "PEFT_NAMES_FILE",
     "PEFT_WEIGHTS_FILE",
     "default_torch_name",
     "export_goat",

@@ -3,6 +3,9 @@ single-adapter view of a wrapped tree."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +46,31 @@ def one_adapter(tree: PyTree, adapter: str | None) -> PyTree:
         raise ValueError(f"the tree holds named adapters {', '.join(adapter_names(tree))}: pass adapter=<name> to "
                          "export one")
     return tree if adapter is None else select_adapter(tree, adapter)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in `path`; a missing, non-UTF-8 or malformed file is a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{os.fspath(path)}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from None
+
+
+def check_number(value: Any, file: str | os.PathLike, key: str, *, integer: bool = False, positive: bool = False,
+                 allow_zero: bool = False) -> None:
+    """Refuse a knob read from an adapter file that is not a finite number (bool and str included), naming the file
+    and key. integer: an int; positive: > 0 (≥ 0 with allow_zero)."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and positive:
+        ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        bound = (" >= 0" if allow_zero else " > 0") if positive else ""
+        raise ValueError(f"{os.fspath(file)}: {key} must be {what}{bound}, got {value!r}")
 
 
 def all_adapters(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:

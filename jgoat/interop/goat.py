@@ -12,7 +12,8 @@ GOAT is not a PEFT type. ``export_goat`` writes into ``out_dir``:
   "modules_to_save": [paths]}``.
 
 The residual offset was derived from one exact base (SVD of its weights), so ``import_goat`` refuses a base whose
-fingerprint differs from the recorded one.
+fingerprint differs from the recorded one. Both sides compute it with ``jgoat.fingerprint`` over the base weights
+minus what the file itself carries (the adapters and the ``modules_to_save`` modules, e.g. a new classifier head).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -37,11 +38,21 @@ from jgoat.core import (
     TrainModule,
     __version__,
     get_at,
+    is_module,
     path_str,
     replace_at,
     to_dict,
 )
-from jgoat.interop.common import all_adapters, is_array, module_params, one_adapter, saved_modules
+from jgoat.core import fingerprint as base_fingerprint
+from jgoat.interop.common import (
+    all_adapters,
+    check_number,
+    is_array,
+    module_params,
+    one_adapter,
+    read_json,
+    saved_modules,
+)
 
 PyTree = Any
 
@@ -53,7 +64,7 @@ _GOAT_FIELDS = ("A", "B", "router", "res_A", "res_B")
 _GOAT_CLASSES = {"GoatConfig": GoatConfig, "MoLoraConfig": MoLoraConfig}
 
 
-def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fingerprint: str,
+def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fingerprint: str | None = None,
                 adapter: str | None = None) -> None:
     """Write the GOAT adapters (and modules_to_save) of a wrapped tree in jgoat's GOAT format (module docstring).
 
@@ -61,20 +72,24 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
       tree: a tree wrapped with ``cfg`` (possibly trained).
       cfg: the ``jgoat.GoatConfig`` (or ``MoLoraConfig``) it was wrapped with; every knob is recorded.
       out_dir: folder to create / overwrite ``goat_config.json`` and ``goat_adapter.safetensors`` in.
-      fingerprint: the base model's fingerprint; `import_goat` refuses any other base.
+      fingerprint: optional, kept for compatibility: the base fingerprint is computed from ``tree`` (adapters and
+        modules_to_save excluded) and recorded; a value given here must equal it. `import_goat` refuses any other
+        base.
       adapter: for a tree of named adapters, the one to export (required there).
 
     Raises:
       ValueError: no GOAT adapter, non-GOAT adapters in the tree, or adapters whose knobs contradict ``cfg``.
 
     Example:
-      >>> export_goat(wrapped, cfg, "out/goat", fingerprint=fp)
+      >>> export_goat(wrapped, cfg, "out/goat")
     """
     if not isinstance(cfg, GoatConfig):
         raise ValueError(f"export_goat needs the jgoat.GoatConfig the tree was wrapped with, got {type(cfg).__name__}")
-    if not isinstance(fingerprint, str) or not fingerprint:
-        raise ValueError("fingerprint must be a non-empty string identifying the base weights")
     tree = to_dict(one_adapter(tree, adapter))
+    own = base_fingerprint(tree)
+    if fingerprint is not None and fingerprint != own:
+        raise ValueError(f"fingerprint={fingerprint!r} is not this tree's base fingerprint ({own!r}); leave it out: "
+                         "export_goat computes it (jgoat.fingerprint of the wrapped tree)")
     found = all_adapters(tree)
     other = [path_str(p) for p, a in found if not isinstance(a, GoatAdapter)]
     if other:
@@ -111,7 +126,7 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
         "format": GOAT_FORMAT,
         "format_version": GOAT_FORMAT_VERSION,
         "jgoat_version": __version__,
-        "base_fingerprint": fingerprint,
+        "base_fingerprint": own,
         "config_class": type(cfg).__name__ if type(cfg).__name__ in _GOAT_CLASSES else "GoatConfig",
         "config": dataclasses.asdict(cfg),
         "modules": modules,
@@ -125,39 +140,48 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
         json.dump(config, f, indent=2)
 
 
-def import_goat(params: PyTree, in_dir: str | os.PathLike, *, fingerprint: str) -> tuple[dict, GoatConfig]:
+def import_goat(params: PyTree, in_dir: str | os.PathLike, *,
+                fingerprint: str | None = None) -> tuple[dict, GoatConfig]:
     """Rebuild the GOAT adapters saved by `export_goat` onto ``params`` (plain or wrapped; nothing is re-derived).
 
     Args:
-      params: the base params (the same base the adapter was trained on), plain or already wrapped.
+      params: the base params (the same base the adapter was trained on), plain or already wrapped. Its fingerprint
+        (the recorded modules_to_save excluded: the file replaces them) must equal the recorded one.
       in_dir: folder with ``goat_config.json`` and ``goat_adapter.safetensors``.
-      fingerprint: the fingerprint of ``params``; must equal the recorded one.
+      fingerprint: optional, kept for compatibility: import_goat computes the fingerprint of ``params`` itself; a
+        value given here must equal it (it can no longer stand in for the real check).
 
     Returns:
       (wrapped tree, the recorded config).
 
     Raises:
-      ValueError: fingerprint mismatch, unknown format version, missing modules, shape mismatches, unknown tensors.
+      ValueError: fingerprint mismatch, unknown format version, knobs that are not finite numbers (naming the file
+        and key), missing modules, shape mismatches, unknown tensors.
 
     Example:
-      >>> wrapped, cfg = import_goat(params, "out/goat", fingerprint=fp)
+      >>> wrapped, cfg = import_goat(params, "out/goat")
     """
-    with open(os.path.join(in_dir, GOAT_CONFIG_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format") != GOAT_FORMAT or meta.get("format_version") != GOAT_FORMAT_VERSION:
+    file = os.path.join(in_dir, GOAT_CONFIG_FILE)
+    meta = read_json(file)
+    if not isinstance(meta, dict) or meta.get("format") != GOAT_FORMAT \
+            or meta.get("format_version") != GOAT_FORMAT_VERSION:
+        got = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else (None, None)
         raise ValueError(f"{in_dir} is not a jgoat GOAT adapter of format version {GOAT_FORMAT_VERSION} "
-                         f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
-    if meta["base_fingerprint"] != fingerprint:
+                         f"(format={got[0]!r}, version={got[1]!r})")
+    cfg = _read_config(meta, file)
+    tree = to_dict(params)
+    own = base_fingerprint(_mark_saved(tree, meta["modules_to_save"]))
+    if fingerprint is not None and fingerprint != own:
+        raise ValueError(f"fingerprint={fingerprint!r} is not the fingerprint of these params ({own!r}); leave it "
+                         "out: import_goat computes it")
+    if meta["base_fingerprint"] != own:
         raise ValueError(
             f"base fingerprint mismatch: the GOAT adapter in {in_dir} was trained on a base with fingerprint "
-            f"{meta['base_fingerprint']!r}, these params have {fingerprint!r}. Its frozen residual offset was derived "
+            f"{meta['base_fingerprint']!r}, these params have {own!r}. Its frozen residual offset was derived "
             "from that exact base (SVD of its weights); load the same base weights")
-    cls = _GOAT_CLASSES.get(meta.get("config_class"), GoatConfig)
-    cfg = cls(**meta["config"])
     tensors = safetensors.flax.load_file(os.path.join(in_dir, GOAT_WEIGHTS_FILE))
     used: set[str] = set()
     errors: list[str] = []
-    tree = to_dict(params)
     for entry in meta["modules"]:
         p, stack = entry["path"], tuple(entry["stack"])
         n_in, n_out = entry["in_features"], entry["out_features"]
@@ -222,3 +246,50 @@ def import_goat(params: PyTree, in_dir: str | os.PathLike, *, fingerprint: str) 
     if errors:
         raise ValueError(f"cannot import the GOAT adapter in {in_dir}:\n  " + "\n  ".join(errors))
     return tree, cfg
+
+
+def _read_config(meta: dict, file: str) -> GoatConfig:
+    """The GoatConfig of a goat_config.json, after checking every field an import reads (one-line errors naming the
+    file and key: a crafted NaN or string scale never reaches an adapter)."""
+    if not isinstance(meta.get("base_fingerprint"), str):
+        raise ValueError(f"{file}: base_fingerprint must be a string, got {meta.get('base_fingerprint')!r}")
+    cls = _GOAT_CLASSES.get(meta.get("config_class", "GoatConfig"))
+    if cls is None:
+        raise ValueError(f"{file}: config_class must be one of {sorted(_GOAT_CLASSES)}, got {meta['config_class']!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{file}: config must be an object of GoatConfig knobs, got {meta.get('config')!r}")
+    try:
+        cfg = cls(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: config: {e}") from None
+    modules, saved = meta.get("modules"), meta.get("modules_to_save", [])
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"{file}: modules must be a list of objects, got {modules!r}")
+    for i, entry in enumerate(modules):
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ValueError(f"{file}: modules[{i}].path must be a module path, got {entry.get('path')!r}")
+        stack = entry.get("stack")
+        if not isinstance(stack, list):
+            raise ValueError(f"{file}: modules[{i}].stack must be a list of layer counts, got {stack!r}")
+        for j, n in enumerate(stack):
+            check_number(n, file, f"modules[{i}].stack[{j}]", integer=True, positive=True)
+        for key in ("in_features", "out_features"):
+            check_number(entry.get(key), file, f"modules[{i}].{key}", integer=True, positive=True)
+        check_number(entry.get("scale"), file, f"modules[{i}].scale", positive=True)
+    if not isinstance(saved, list) or not all(isinstance(p, str) and p for p in saved):
+        raise ValueError(f"{file}: modules_to_save must be a list of module paths, got {saved!r}")
+    meta["modules_to_save"] = saved
+    return cfg
+
+
+def _mark_saved(tree: dict, saved: Sequence[str]) -> dict:
+    """`tree` with the modules_to_save the file carries marked (so `fingerprint` leaves them out, as at export)."""
+    for p in saved:
+        path = tuple(p.split("/"))
+        try:
+            module = get_at(tree, path)
+        except (KeyError, TypeError):
+            continue  # reported with the other layout errors
+        if is_module(module):
+            tree = replace_at(tree, path, lambda m: {**m, ADAPTER_KEY: TrainModule()})
+    return tree

@@ -43,7 +43,11 @@ the one jgoat node with per-layer ranks and scalings.
 
 Torch names: ``torch_name(flax_path, index)`` maps a '/'-joined Flax module path and a layer index (``()`` when
 the module is not stacked) to the torch module name; the default replaces '/' by '.' and, for stacked layers,
-inserts the index after the first path component (``layers/fc1``, (2,) → ``layers.2.fc1``).
+inserts the index after the first path component (``layers/fc1``, (2,) → ``layers.2.fc1``). ``export_peft`` records
+the mapping it used in a third file, ``jgoat_torch_names.json`` (``{"format": "jgoat-torch-names",
+"format_version": 1, "names": {torch name: {"path": Flax path, "index": [layer index]}}}``; peft ignores it), and
+``import_peft`` uses it when no ``torch_name`` is given, so an export (e.g. ``jgoat train``'s, with HF names) reads
+back without knowing its mapping.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ from jgoat.core import (
     replace_at,
     to_dict,
 )
-from jgoat.interop.common import all_adapters, is_array, one_adapter, saved_modules
+from jgoat.interop.common import all_adapters, check_number, is_array, one_adapter, read_json, saved_modules
 from jgoat.wrap import init_layer
 
 PyTree = Any
@@ -93,6 +97,8 @@ TorchName = Callable[[str, tuple[int, ...]], str]
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_NAMES_FILE = "jgoat_torch_names.json"
+_NAMES_FORMAT = "jgoat-torch-names"
 _PREFIX = "base_model.model."
 _LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector", "m"),
                   (".lora_diag", "diag"))
@@ -300,6 +306,7 @@ def export_peft(
 
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, tuple[int, float]] = {}  # torch name -> (r', alpha'); IA3: (feedforward, 0)
+    recorded: dict[str, dict] = {}  # torch name -> {"path", "index"}: the mapping used, for import_peft
     for path, adapter in found:
         _check_node(adapter, cfg, path_str(path))
         stack = _node_stack(adapter)
@@ -309,6 +316,7 @@ def export_peft(
                 raise ValueError(f"torch_name({path_str(path)!r}, {idx}) returned {name!r}, not a module name")
             if name in layers:
                 raise ValueError(f"two adapted layers map to the torch module '{name}'; pass a torch_name function")
+            recorded[name] = {"path": path_str(path), "index": [int(i) for i in idx]}
             if isinstance(adapter, IA3Adapter):  # peft's ia3_l: [out, 1] out-side, [1, in] feed-forward
                 l_n = _np32(adapter.l[idx])
                 tensors[f"{_PREFIX}{name}.ia3_l"] = l_n[None, :] if adapter.feedforward else l_n[:, None]
@@ -326,6 +334,7 @@ def export_peft(
         for idx in np.ndindex(*stack):
             name = torch_name(path_str(path), tuple(int(i) for i in idx))
             saved_names.append(name)
+            recorded[name] = {"path": path_str(path), "index": [int(i) for i in idx]}
             for torch_param, (flax_name, transpose) in mapping.items():
                 tensors[f"{_PREFIX}{name}.{torch_param}"] = _per_layer_to_torch(module[flax_name], idx, torch_param,
                                                                                 transpose, n_in)
@@ -348,6 +357,54 @@ def export_peft(
     _write_safetensors(tensors, os.path.join(out_dir, PEFT_WEIGHTS_FILE), {"format": "pt"})
     with open(os.path.join(out_dir, PEFT_CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+    with open(os.path.join(out_dir, PEFT_NAMES_FILE), "w") as f:
+        json.dump({"format": _NAMES_FORMAT, "format_version": 1, "names": recorded}, f, indent=2, sort_keys=True)
+
+
+def _recorded_names(in_dir: str | os.PathLike) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]] | None:
+    """The torch-name mapping `export_peft` recorded in `in_dir` ({torch name: (Flax path, index)}), or None."""
+    file = os.path.join(in_dir, PEFT_NAMES_FILE)
+    if not os.path.exists(file):
+        return None
+    doc = read_json(file)
+    if not isinstance(doc, dict) or doc.get("format") != _NAMES_FORMAT or doc.get("format_version") != 1 \
+            or not isinstance(doc.get("names"), dict):
+        raise ValueError(f"{file}: not a {_NAMES_FORMAT} file of format version 1")
+    out = {}
+    for name, entry in doc["names"].items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"] \
+            and isinstance(entry.get("index"), list)
+        if not ok:
+            raise ValueError(f"{file}: names[{name!r}] must be {{'path': str, 'index': [int]}}, got {entry!r}")
+        for i, n in enumerate(entry["index"]):
+            check_number(n, file, f"names[{name!r}].index[{i}]", integer=True, positive=True, allow_zero=True)
+        out[name] = (tuple(entry["path"].split("/")), tuple(entry["index"]))
+    return out
+
+
+def _check_lora_knobs(config: Mapping, file: str) -> None:
+    """Refuse LoRA knobs that are not what peft writes (a crafted NaN / string rank, alpha, dropout), naming the key."""
+    check_number(config.get("r"), file, "r", integer=True, positive=True)
+    check_number(config.get("lora_alpha"), file, "lora_alpha")
+    for table, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(table) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{file}: {table} must be an object {{pattern: value}}, got {patterns!r}")
+        for key, value in patterns.items():
+            check_number(value, file, f"{table}[{key!r}]", integer=integer, positive=integer)
+    dropout = config.get("lora_dropout") or 0.0
+    check_number(dropout, file, "lora_dropout", positive=True, allow_zero=True)
+    if dropout >= 1:
+        raise ValueError(f"{file}: lora_dropout must be in [0, 1), got {dropout!r}")
+    for flag in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(flag, False), bool):
+            raise ValueError(f"{file}: {flag} must be true or false, got {config[flag]!r}")
+    kasa = config.get("kasa_config")
+    if kasa is not None:
+        if not isinstance(kasa, dict) or set(kasa) - {"beta", "gamma"}:
+            raise ValueError(f"{file}: kasa_config must be {{'beta': number, 'gamma': number}}, got {kasa!r}")
+        for key, value in kasa.items():
+            check_number(value, file, f"kasa_config.{key}", positive=True, allow_zero=True)
 
 
 def _lora_config(cfg, layers: Mapping[str, tuple[int, float]], use_dora: bool) -> dict:
@@ -487,7 +544,8 @@ def import_peft(
       tree: a plain Flax params tree, or one already wrapped with adapters of the same shapes (replaced; a GoRA
         template from ``gora_wrap(..., ranks=...)`` receives the file's LoRA layers as GoRA layers).
       in_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-      torch_name: maps (Flax module path, layer index) to the torch module name; see `default_torch_name`.
+      torch_name: maps (Flax module path, layer index) to the torch module name; see `default_torch_name`. Default:
+        the mapping ``export_peft`` recorded in the folder (``jgoat_torch_names.json``), else `default_torch_name`.
       layouts: optional `Layout` per module path for kernels that are not [*layers, in, out].
 
     Returns:
@@ -502,9 +560,17 @@ def import_peft(
     Example:
       >>> wrapped = import_peft(params, "out/adapter")
     """
+    file = os.path.join(in_dir, PEFT_CONFIG_FILE)
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: not a peft adapter config (a JSON object), got {type(config).__name__}")
+    recorded = _recorded_names(in_dir) if torch_name is None else None
+    if recorded is not None:
+        by_path = {(path_str(p), i): name for name, (p, i) in recorded.items()}
+
+        def torch_name(flax_path, index):
+            return by_path.get((flax_path, tuple(index)), default_torch_name(flax_path, index))
     torch_name = torch_name or default_torch_name
-    with open(os.path.join(in_dir, PEFT_CONFIG_FILE)) as f:
-        config = json.load(f)
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "IA3"):
         raise ValueError(f"only peft_type 'LORA' (LoRA, rsLoRA, DoRA, KaSA) and 'IA3' can be imported, got "
@@ -513,11 +579,15 @@ def import_peft(
     for knob, ok in knobs:
         if config.get(knob, ok) != ok:
             raise ValueError(f"unsupported peft option {knob}={config[knob]!r} (jgoat imports {knob}={ok!r})")
+    if peft_type == "LORA":
+        _check_lora_knobs(config, file)
     suffixes = _IA3_SUFFIXES if peft_type == "IA3" else _LORA_SUFFIXES
     tensors = safetensors.flax.load_file(os.path.join(in_dir, PEFT_WEIGHTS_FILE))
 
     tree = to_dict(tree)
     names = _name_index(tree, torch_name, layouts)
+    if recorded is not None:  # the recorded names win over a default name another module may also have
+        names.update(recorded)
     errors: list[str] = []
     adapted: dict[tuple[str, ...], dict[tuple[int, ...], dict[str, Any]]] = {}
     saved: dict[tuple[str, ...], dict[tuple[int, ...], dict[str, Any]]] = {}
