@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jgoat.core import adapter_leaves, fingerprint, is_adapter_path, saved_prefixes
+from jgoat.errors import JgoatError
 
 PyTree = Any
 __all__ = ["adapter_leaves", "fingerprint", "latest_step", "read_adapters", "restore", "save"]
@@ -40,12 +41,12 @@ def _check_metadata(metadata: Any) -> dict:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise ValueError(f"metadata must be a mapping of JSON-serialisable values, got {type(metadata).__name__}")
+        raise JgoatError(f"metadata must be a mapping of JSON-serialisable values, got {type(metadata).__name__}")
     for key, value in metadata.items():
         try:
             json.dumps({key: value})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"metadata[{key!r}] is not JSON-serialisable ({e}); nothing was saved") from None
+            raise JgoatError(f"metadata[{key!r}] is not JSON-serialisable ({e}); nothing was saved") from None
     return dict(metadata)
 
 
@@ -69,7 +70,7 @@ def save(
       max_to_keep: keep only the newest N steps (None keeps all).
     """
     if isinstance(step, bool) or not hasattr(step, "__index__") or operator.index(step) < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        raise JgoatError(f"step must be an integer >= 0, got {step!r}")
     extras = _check_metadata(metadata)
     leaves = adapter_leaves(tree)
     if not leaves:

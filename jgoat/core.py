@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from flax import struct
 
+from jgoat.errors import JgoatError
+
 __version__ = "0.1.0"
 
 ADAPTER_KEY = "jgoat"
@@ -71,7 +73,7 @@ def check_fields(obj: Any) -> None:
         value = getattr(obj, f.name)
         wanted = _field_error(f, value)
         if wanted is not None:
-            raise ValueError(f"{type(obj).__name__}.{f.name} must be {wanted}, got {value!r}")
+            raise JgoatError(f"{type(obj).__name__}.{f.name} must be {wanted}, got {value!r}")
         if isinstance(value, numbers.Number) and type(value) not in (bool, int, float):  # numpy scalars -> Python
             object.__setattr__(obj, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
 
@@ -125,10 +127,10 @@ def check_rule_form(rule: Any, what: str) -> None:
         try:
             re.compile(rule)
         except re.error as e:
-            raise ValueError(f"{what}={rule!r} is not a valid regular expression: {e}") from None
+            raise JgoatError(f"{what}={rule!r} is not a valid regular expression: {e}") from None
     elif isinstance(rule, (bytes, Mapping)) or not isinstance(rule, Sequence) \
             or not all(isinstance(v, str) for v in rule):
-        raise ValueError(f"{what} must be a regex string or a sequence of module names, got {rule!r}")
+        raise JgoatError(f"{what} must be a regex string or a sequence of module names, got {rule!r}")
 
 
 @dataclasses.dataclass(frozen=True)

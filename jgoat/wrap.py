@@ -40,6 +40,7 @@ from jgoat.core import (
     slot_names,
     to_dict,
 )
+from jgoat.errors import JgoatError
 from jgoat.quant import NF4Kernel, dequantize
 
 PyTree = Any
@@ -138,7 +139,7 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
         base = map_slots(params, lambda slot: slot if isinstance(slot, TrainModule) else None)
         again = [path_str(p) for p in select_targets(base, cfg, layouts) if path_str(p) in unnamed]
         if again:
-            raise ValueError(f"params are already wrapped: '{again[0]}' holds an adapter that {type(cfg).__name__}"
+            raise JgoatError(f"params are already wrapped: '{again[0]}' holds an adapter that {type(cfg).__name__}"
                              "'s targets select again; wrap the base params once, or give every adapter a name=... "
                              "to stack several on one base")
     targets = select_targets(params, cfg, layouts)
@@ -158,11 +159,11 @@ def _check_interceptable(path: tuple[str, ...], kernel: Any, layouts: Mapping[st
     """Refuse a target `jgoat.apply`'s interceptor would never reach (its adapter: trainable, never applied)."""
     shape = tuple(kernel.shape)
     if layouts is not None and path_str(path) not in layouts:
-        raise ValueError(f"target '{path_str(path)}' (kernel {shape}) is not a linear module jgoat.probe saw called "
+        raise JgoatError(f"target '{path_str(path)}' (kernel {shape}) is not a linear module jgoat.probe saw called "
                          "as Dense / DenseGeneral / Einsum (or a registered class): jgoat cannot apply an adapter "
                          "there; exclude it from the targets")
     if layouts is None and not isinstance(getattr(kernel, "layout", None), Layout) and kernel.ndim >= 4:
-        raise ValueError(f"target '{path_str(path)}' holds a {kernel.ndim}-D kernel {shape}, a convolution's "
+        raise JgoatError(f"target '{path_str(path)}' holds a {kernel.ndim}-D kernel {shape}, a convolution's "
                          "layout: jgoat applies adapters to linear modules (Dense, DenseGeneral, Einsum) only; "
                          "exclude it, or pass layouts=jgoat.probe(model, params, x) if it is a stacked linear")
 
@@ -178,7 +179,7 @@ def _check_finite_base(params: Mapping, targets: Sequence[tuple[str, ...]], cfg:
         kernel = get_at(params, path)["kernel"]
         leaves = [x for x in jax.tree.leaves(kernel) if jnp.issubdtype(x.dtype, jnp.inexact)]
         if not bool(_all_finite(leaves)):
-            raise ValueError(f"base weight '{path_str(path)}/kernel' holds NaN or inf values: {type(cfg).__name__}'s "
+            raise JgoatError(f"base weight '{path_str(path)}/kernel' holds NaN or inf values: {type(cfg).__name__}'s "
                              "init decomposes the base kernel, which must be finite; check the checkpoint")
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from jgoat.adapters import ADAPTER_TYPES
 from jgoat.core import ADAPTER_KEY, TrainModule, iter_modules
+from jgoat.errors import JgoatError
 from jgoat.wrap import adapter_names, select_adapter
 
 PyTree = Any
@@ -56,7 +57,7 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{os.fspath(path)}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from None
+        raise JgoatError(f"{os.fspath(path)}: not valid JSON ({e})") from None
 
 
 def check_number(value: Any, file: str | os.PathLike, key: str, *, integer: bool = False, positive: bool = False,
@@ -70,7 +71,7 @@ def check_number(value: Any, file: str | os.PathLike, key: str, *, integer: bool
     if not ok:
         what = "an integer" if integer else "a finite number"
         bound = (" >= 0" if allow_zero else " > 0") if positive else ""
-        raise ValueError(f"{os.fspath(file)}: {key} must be {what}{bound}, got {value!r}")
+        raise JgoatError(f"{os.fspath(file)}: {key} must be {what}{bound}, got {value!r}")
 
 
 def all_adapters(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:

@@ -44,6 +44,7 @@ from jgoat.core import (
     to_dict,
 )
 from jgoat.core import fingerprint as base_fingerprint
+from jgoat.errors import JgoatError
 from jgoat.interop.common import (
     all_adapters,
     check_number,
@@ -88,7 +89,7 @@ def export_goat(tree: PyTree, cfg: GoatConfig, out_dir: str | os.PathLike, *, fi
     tree = to_dict(one_adapter(tree, adapter))
     own = base_fingerprint(tree)
     if fingerprint is not None and fingerprint != own:
-        raise ValueError(f"fingerprint={fingerprint!r} is not this tree's base fingerprint ({own!r}); leave it out: "
+        raise JgoatError(f"fingerprint={fingerprint!r} is not this tree's base fingerprint ({own!r}); leave it out: "
                          "export_goat computes it (jgoat.fingerprint of the wrapped tree)")
     found = all_adapters(tree)
     other = [path_str(p) for p, a in found if not isinstance(a, GoatAdapter)]
@@ -172,7 +173,7 @@ def import_goat(params: PyTree, in_dir: str | os.PathLike, *,
     tree = to_dict(params)
     own = base_fingerprint(_mark_saved(tree, meta["modules_to_save"]))
     if fingerprint is not None and fingerprint != own:
-        raise ValueError(f"fingerprint={fingerprint!r} is not the fingerprint of these params ({own!r}); leave it "
+        raise JgoatError(f"fingerprint={fingerprint!r} is not the fingerprint of these params ({own!r}); leave it "
                          "out: import_goat computes it")
     if meta["base_fingerprint"] != own:
         raise ValueError(
@@ -252,32 +253,32 @@ def _read_config(meta: dict, file: str) -> GoatConfig:
     """The GoatConfig of a goat_config.json, after checking every field an import reads (one-line errors naming the
     file and key: a crafted NaN or string scale never reaches an adapter)."""
     if not isinstance(meta.get("base_fingerprint"), str):
-        raise ValueError(f"{file}: base_fingerprint must be a string, got {meta.get('base_fingerprint')!r}")
+        raise JgoatError(f"{file}: base_fingerprint must be a string, got {meta.get('base_fingerprint')!r}")
     cls = _GOAT_CLASSES.get(meta.get("config_class", "GoatConfig"))
     if cls is None:
-        raise ValueError(f"{file}: config_class must be one of {sorted(_GOAT_CLASSES)}, got {meta['config_class']!r}")
+        raise JgoatError(f"{file}: config_class must be one of {sorted(_GOAT_CLASSES)}, got {meta['config_class']!r}")
     if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{file}: config must be an object of GoatConfig knobs, got {meta.get('config')!r}")
+        raise JgoatError(f"{file}: config must be an object of GoatConfig knobs, got {meta.get('config')!r}")
     try:
         cfg = cls(**meta["config"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{file}: config: {e}") from None
+        raise JgoatError(f"{file}: config: {e}") from None
     modules, saved = meta.get("modules"), meta.get("modules_to_save", [])
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise ValueError(f"{file}: modules must be a list of objects, got {modules!r}")
+        raise JgoatError(f"{file}: modules must be a list of objects, got {modules!r}")
     for i, entry in enumerate(modules):
         if not isinstance(entry.get("path"), str) or not entry["path"]:
-            raise ValueError(f"{file}: modules[{i}].path must be a module path, got {entry.get('path')!r}")
+            raise JgoatError(f"{file}: modules[{i}].path must be a module path, got {entry.get('path')!r}")
         stack = entry.get("stack")
         if not isinstance(stack, list):
-            raise ValueError(f"{file}: modules[{i}].stack must be a list of layer counts, got {stack!r}")
+            raise JgoatError(f"{file}: modules[{i}].stack must be a list of layer counts, got {stack!r}")
         for j, n in enumerate(stack):
             check_number(n, file, f"modules[{i}].stack[{j}]", integer=True, positive=True)
         for key in ("in_features", "out_features"):
             check_number(entry.get(key), file, f"modules[{i}].{key}", integer=True, positive=True)
         check_number(entry.get("scale"), file, f"modules[{i}].scale", positive=True)
     if not isinstance(saved, list) or not all(isinstance(p, str) and p for p in saved):
-        raise ValueError(f"{file}: modules_to_save must be a list of module paths, got {saved!r}")
+        raise JgoatError(f"{file}: modules_to_save must be a list of module paths, got {saved!r}")
     meta["modules_to_save"] = saved
     return cfg
 

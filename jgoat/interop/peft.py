@@ -89,6 +89,7 @@ from jgoat.core import (
     replace_at,
     to_dict,
 )
+from jgoat.errors import JgoatError
 from jgoat.interop.common import all_adapters, check_number, is_array, one_adapter, read_json, saved_modules
 from jgoat.wrap import init_layer
 
@@ -369,13 +370,13 @@ def _recorded_names(in_dir: str | os.PathLike) -> dict[str, tuple[tuple[str, ...
     doc = read_json(file)
     if not isinstance(doc, dict) or doc.get("format") != _NAMES_FORMAT or doc.get("format_version") != 1 \
             or not isinstance(doc.get("names"), dict):
-        raise ValueError(f"{file}: not a {_NAMES_FORMAT} file of format version 1")
+        raise JgoatError(f"{file}: not a {_NAMES_FORMAT} file of format version 1")
     out = {}
     for name, entry in doc["names"].items():
         ok = isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"] \
             and isinstance(entry.get("index"), list)
         if not ok:
-            raise ValueError(f"{file}: names[{name!r}] must be {{'path': str, 'index': [int]}}, got {entry!r}")
+            raise JgoatError(f"{file}: names[{name!r}] must be {{'path': str, 'index': [int]}}, got {entry!r}")
         for i, n in enumerate(entry["index"]):
             check_number(n, file, f"names[{name!r}].index[{i}]", integer=True, positive=True, allow_zero=True)
         out[name] = (tuple(entry["path"].split("/")), tuple(entry["index"]))
@@ -389,20 +390,20 @@ def _check_lora_knobs(config: Mapping, file: str) -> None:
     for table, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = config.get(table) or {}
         if not isinstance(patterns, dict):
-            raise ValueError(f"{file}: {table} must be an object {{pattern: value}}, got {patterns!r}")
+            raise JgoatError(f"{file}: {table} must be an object {{pattern: value}}, got {patterns!r}")
         for key, value in patterns.items():
             check_number(value, file, f"{table}[{key!r}]", integer=integer, positive=integer)
     dropout = config.get("lora_dropout") or 0.0
     check_number(dropout, file, "lora_dropout", positive=True, allow_zero=True)
     if dropout >= 1:
-        raise ValueError(f"{file}: lora_dropout must be in [0, 1), got {dropout!r}")
+        raise JgoatError(f"{file}: lora_dropout must be in [0, 1), got {dropout!r}")
     for flag in ("use_rslora", "use_dora"):
         if not isinstance(config.get(flag, False), bool):
-            raise ValueError(f"{file}: {flag} must be true or false, got {config[flag]!r}")
+            raise JgoatError(f"{file}: {flag} must be true or false, got {config[flag]!r}")
     kasa = config.get("kasa_config")
     if kasa is not None:
         if not isinstance(kasa, dict) or set(kasa) - {"beta", "gamma"}:
-            raise ValueError(f"{file}: kasa_config must be {{'beta': number, 'gamma': number}}, got {kasa!r}")
+            raise JgoatError(f"{file}: kasa_config must be {{'beta': number, 'gamma': number}}, got {kasa!r}")
         for key, value in kasa.items():
             check_number(value, file, f"kasa_config.{key}", positive=True, allow_zero=True)
 
