@@ -564,7 +564,7 @@ def import_peft(
     file = os.path.join(in_dir, PEFT_CONFIG_FILE)
     config = read_json(file)
     if not isinstance(config, dict):
-        raise ValueError(f"{file}: not a peft adapter config (a JSON object), got {type(config).__name__}")
+        raise JgoatError(f"{file}: not a peft adapter config (a JSON object), got {type(config).__name__}")
     recorded = _recorded_names(in_dir) if torch_name is None else None
     if recorded is not None:
         by_path = {(path_str(p), i): name for name, (p, i) in recorded.items()}
