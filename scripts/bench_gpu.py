@@ -5,9 +5,15 @@ Not run in CI. On a GPU host:
     .venv/bin/python scripts/bench_gpu.py                  # TinyLlama-1.1B shape, batch 4 x 1024, bf16
     .venv/bin/python scripts/bench_gpu.py --tiny           # 2-layer shape: checks the script on a CPU in ~2 min
 
+Attention: --attention auto|xla|cudnn sets LlamaConfig.attention_impl of the jgoat rows (auto: cuDNN on a GPU for
+bf16, XLA elsewhere; jgoat.models.attention).
+
 Rows (random weights; the same shape, batch and adapter targets q/k/v/o/gate/up/down in every row):
   jgoat LoRA r=8         jgoat.train_step (AdamW, clip 1.0), bf16 base and compute, state donated
   jgoat GOAT r=8 E=8 k=2 the same with GOAT (init "goat": SVD init, frozen residual offset)
+  jgoat LoRA r=8, attention xla
+                         only when --attention auto resolves to cuDNN (a GPU): the LoRA row again with XLA's
+                         attention, to show what the fused kernel buys
   peft LoRA r=8          HF transformers LlamaForCausalLM + peft on torch, bf16, AdamW + clip 1.0, on the same
                          device kind as jax (CUDA for a GPU run, CPU for --tiny); the row is skipped, with the
                          reason, when torch/transformers/peft or a CUDA torch is missing
@@ -40,6 +46,7 @@ import numpy as np
 import optax
 
 import jgoat
+from jgoat.models.attention import resolve_attention_impl
 from jgoat.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss, unstack_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -198,6 +205,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s (default: by device kind)")
     p.add_argument("--torch-attention", default="sdpa", help="transformers attn_implementation for the peft row")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="attention_impl of the jgoat rows (auto: cuDNN on GPU for bf16, XLA elsewhere)")
     p.add_argument("--no-torch", action="store_true", help="skip the peft row")
     p.add_argument("--no-xla-flops", action="store_true", help="skip the unrolled compile that counts FLOPs")
     p.add_argument("--out", default="BENCHMARKS-gpu.json")
@@ -214,7 +223,8 @@ def main(argv=None) -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind!r}, "
           f"peak bf16 {peak} TFLOP/s", flush=True)
     cfg = LlamaConfig(**(SHAPE_TINY if args.tiny else SHAPE_1B), max_position_embeddings=max(2048, args.seq),
-                      dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=args.remat)
+                      dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=args.remat,
+                      attention_impl=None if args.attention == "auto" else args.attention)
     ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, cfg.vocab_size, jnp.int32)
     batch = {"ids": ids, "mask": jnp.ones_like(ids), "labels": ids}
     base = jax.jit(LlamaForCausalLM(cfg).init)(jax.random.key(0), ids)["params"]
@@ -223,13 +233,18 @@ def main(argv=None) -> None:
     adapters = [(f"jgoat LoRA r={args.rank}", jgoat.LoraConfig(rank=args.rank, alpha=2 * args.rank, targets=TARGETS)),
                 (f"jgoat GOAT r={args.rank} E={args.experts} k={args.top_k}",
                  jgoat.GoatConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, targets=TARGETS))]
-    for name, adapter in adapters:
-        rows.append(jgoat_row(name, cfg, adapter, base, batch, args))
+    runs = [(name, cfg, adapter) for name, adapter in adapters]
+    if resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim) != "xla":
+        runs.insert(1, (f"{adapters[0][0]}, attention xla", dataclasses.replace(cfg, attention_impl="xla"),
+                        adapters[0][1]))
+    for name, run_cfg, adapter in runs:
+        rows.append(jgoat_row(name, run_cfg, adapter, base, batch, args))
         print(f"{name}: median {1e3 * statistics.median(rows[-1].step_s):.1f} ms", flush=True)
     if not args.no_torch:
         rows.append(peft_row(f"peft LoRA r={args.rank}", cfg, batch, rows[0].flops_xla, args))
     tokens = args.batch * args.seq
-    print(f"\n{n_params / 1e9:.3f} B params, {tokens} tokens/step, remat {args.remat}\n")
+    print(f"\n{n_params / 1e9:.3f} B params, {tokens} tokens/step, remat {args.remat}, attention "
+          f"{resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim)}\n")
     print(table(rows, tokens, n_params, peak))
     with open(args.out, "w") as f:
         json.dump({"command": " ".join(["python scripts/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -138,3 +138,62 @@ def test_implementation_choice_and_errors():
     # An HF config.json cannot pick the kernel (it is a jgoat runtime choice): only overrides set it.
     assert LlamaConfig.from_hf_dict({"attention_impl": "cudnn"}).attention_impl is None
     assert LlamaConfig.from_hf_dict({}, attention_impl="xla").attention_impl == "xla"
+
+
+def _model_outputs(monkeypatch, attention_fn, run):
+    monkeypatch.setattr("jgoat.models.attention.dot_product_attention", attention_fn)
+    return run()
+
+
+def _reference_with_signature(q, k, v, keep, *, bias_Bx1xTxS=None, dtype, impl=None, dropout=None):
+    del impl, dropout  # deterministic models only
+    _reference_with_signature.calls += 1
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    return reference_attention(q, k, v, keep, bias_Bx1xTxS)
+
+
+def test_models_equal_the_einsum_path(monkeypatch):
+    """Whole models (not jitted, so the patched function is traced): Llama with GQA, left and right padding, a
+    prefix (prefix tuning) and a KV-cache decode step; BERT with padding; ViT."""
+    import jgoat
+    from jgoat.models.bert import BertForSequenceClassification
+    from jgoat.models.llama import LlamaForCausalLM, init_cache
+    from jgoat.models.vit import ViTForImageClassification
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    llama = LlamaForCausalLM(cfg)
+    ids = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size)
+    params = llama.init(jax.random.key(1), ids)["params"]
+    prefixed = jgoat.add_prefix(params, cfg, jgoat.PrefixTuningConfig(3), key=jax.random.key(2))
+    left, right = (_padding([9, 5, 2], T, side).astype(jnp.int32) for side in ("left", "right"))
+
+    def run_llama():
+        outs = [llama.apply({"params": p}, ids, m).logits for p in (params, prefixed) for m in (left, right)]
+        cache = init_cache(llama, B, T + 2)
+        mask_S = jnp.concatenate([left, jnp.ones((B, 2), jnp.int32)], axis=1)
+        _, state = llama.apply({"params": prefixed, "cache": cache}, ids, mask_S, decode=True, mutable=["cache"])
+        step = llama.apply({"params": prefixed, "cache": state["cache"]}, ids[:, :1], mask_S, decode=True,
+                           mutable=["cache"])[0].logits
+        return [*outs, step]
+
+    bcfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                      max_position_embeddings=16)
+    bert = BertForSequenceClassification(bcfg)
+    bparams = bert.init(jax.random.key(3), ids)["params"]
+    vcfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=8,
+                     patch_size=4)
+    vit = ViTForImageClassification(vcfg)
+    pixels = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+    vparams = vit.init(jax.random.key(5), pixels)["params"]
+
+    def run_all():
+        return [*run_llama(), bert.apply({"params": bparams}, ids, right), vit.apply({"params": vparams}, pixels)]
+
+    new = run_all()
+    _reference_with_signature.calls = 0
+    old = _model_outputs(monkeypatch, _reference_with_signature, run_all)
+    # The models did run the reference: Llama (scanned) at least once per apply (6), BERT and ViT once per layer.
+    assert _reference_with_signature.calls >= 6 + 2 + 2
+    for a, b in zip(new, old, strict=True):
+        _close(a, b)
