@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jgoat.models.bert import SUPPORTED_MODEL_TYPES, load_encoder
+from jgoat.models.formats import check_config_against_checkpoint
 from jgoat.models.hf import LoadingInfo, model_folder
 from jgoat.models.llama import DECODER_MODEL_TYPES, load_causal_lm
 from jgoat.models.vit import is_vision_checkpoint, load_vision_model
@@ -98,6 +99,7 @@ def from_pretrained(
             output_loading_info=output_loading_info,
         )
     hf_config = read_config(folder)
+    check_config_against_checkpoint(hf_config, folder)  # before anything is built: a lying config fails here
     if hf_config["model_type"] in DECODER_MODEL_TYPES:
         if num_labels is not None:
             raise ValueError(f"num_labels does not apply to {hf_config['model_type']} (causal LM)")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jgoat.models.formats import check_config_against_checkpoint
 from jgoat.models.hf import (
     VISION_BUFFER_KEYS,
     VISION_PREFIX,
@@ -84,6 +85,7 @@ def load_vision_model(
     model_type = hf.get("model_type")
     if model_type not in VISION_MODEL_TYPES:
         raise ValueError(f"Unsupported model_type {model_type!r}; supported: {', '.join(VISION_MODEL_TYPES)}")
+    check_config_against_checkpoint(hf, folder)  # before anything is built: a lying config fails here
     task = "image-classification" if task is None else task
     if task not in VISION_TASKS:
         raise ValueError(f"Unknown task {task!r} for {model_type}; supported: {', '.join(VISION_TASKS)}")
