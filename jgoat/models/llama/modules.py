@@ -134,7 +134,7 @@ class LlamaAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxTxD, keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
+    def __call__(self, x_BxTxD, keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
         cfg = self.config
         B, T, _ = x_BxTxD.shape
         N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -145,7 +145,7 @@ class LlamaAttention(nn.Module):
         k_BxSxKxH = apply_rope(k_BxTxKxH, cos_BxTxH, sin_BxTxH)
         v_BxSxKxH = v_BxTxKxH
         if self.decode:
-            S = keep_Bx1xTxS.shape[-1]
+            S = keep_Bx1x1xTxS.shape[-1]
             cached_k = self.variable("cache", "cached_key", jnp.zeros, (B, S, K, H), cfg.dtype)
             cached_v = self.variable("cache", "cached_value", jnp.zeros, (B, S, K, H), cfg.dtype)
             start = (0, slot0, 0, 0)
@@ -157,14 +157,15 @@ class LlamaAttention(nn.Module):
             pre_2xBxPxKxH = jnp.broadcast_to(prefix_2xPxKxH[:, None].astype(cfg.dtype), (2, B, P, K, H))
             k_BxSxKxH = jnp.concatenate([pre_2xBxPxKxH[0], k_BxSxKxH.astype(cfg.dtype)], axis=1)
             v_BxSxKxH = jnp.concatenate([pre_2xBxPxKxH[1], v_BxSxKxH.astype(cfg.dtype)], axis=1)
-            ones_Bx1xTxP = jnp.ones((*keep_Bx1xTxS.shape[:-1], P), bool)
-            keep_Bx1xTxS = jnp.concatenate([ones_Bx1xTxP, keep_Bx1xTxS], axis=-1)
+            ones_Bx1x1xTxP = jnp.ones((*keep_Bx1x1xTxS.shape[:-1], P), bool)
+            keep_Bx1x1xTxS = jnp.concatenate([ones_Bx1x1xTxP, keep_Bx1x1xTxS], axis=-1)
         dropout = None
         if cfg.attention_dropout > 0 and not self.deterministic:
             drop = nn.Dropout(cfg.attention_dropout)
             dropout = functools.partial(drop, deterministic=False)
         out_BxTxNxH = attention.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, keep_Bx1xTxS, dtype=cfg.dtype, impl=cfg.attention_impl, dropout=dropout
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, keep_Bx1x1xTxS[:, 0], dtype=cfg.dtype, impl=cfg.attention_impl,
+            dropout=dropout,
         )
         o_BxTxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out_BxTxNxH.reshape(B, T, N * H))
         return hooks.bottleneck_output(self, o_BxTxD)
@@ -227,11 +228,11 @@ class LlamaDecoderLayer(nn.Module):
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
+    def __call__(self, x_BxTxD, keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH=None):
         cfg = self.config
         attn = LlamaAttention(cfg, decode=self.decode, deterministic=self.deterministic, name="self_attn")
         h_BxTxD = _rms_norm(cfg, "input_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + attn(h_BxTxD, keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH)
+        x_BxTxD = x_BxTxD + attn(h_BxTxD, keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0, prefix_2xPxKxH)
         h_BxTxD = _rms_norm(cfg, "post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + (LlamaMoeMLP if cfg.moe_experts else LlamaMLP)(cfg, name="mlp")(h_BxTxD)
         return x_BxTxD, (x_BxTxD if self.emit_hidden else None)
@@ -339,7 +340,7 @@ class LlamaModel(nn.Module):
         q_slot_T = slot0 + jnp.arange(T, dtype=jnp.int32)
         causal_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slot_T[:, None]
         keep_BxTxS = causal_TxS[None, :, :] & attention_mask.astype(bool)[:, None, :]
-        keep_Bx1xTxS = keep_BxTxS[:, None, :, :]
+        keep_Bx1x1xTxS = keep_BxTxS[:, None, None, :, :]
         cos_BxTxH, sin_BxTxH = rope_cos_sin(position_ids_BxT, cfg)
 
         x_BxTxD = nn.Embed(
@@ -357,7 +358,7 @@ class LlamaModel(nn.Module):
         if cfg.remat_policy is not None and not decode:
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         kwargs = dict(decode=decode, deterministic=deterministic, emit_hidden=output_hidden_states)
-        args = (keep_Bx1xTxS, cos_BxTxH, sin_BxTxH, slot0)
+        args = (keep_Bx1x1xTxS, cos_BxTxH, sin_BxTxH, slot0)
         hidden: list[jax.Array] = [x_BxTxD]
         if cfg.scan_layers:
             in_axes = (nn.broadcast,) * len(args)
