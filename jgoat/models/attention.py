@@ -60,7 +60,7 @@ def dot_product_attention(
 
     Args:
       q_BxTxNxH, k_BxSxKxH, v_BxSxKxH: queries, keys, values (cast to ``dtype``); N a multiple of K.
-      keep_Bx1xTxS: boolean mask ``[B, 1, T, S]`` (True: attend; T and S may be 1 to broadcast), or None
+      keep_Bx1xTxS: boolean mask ``[B, 1, T, S]`` (True: attend; B and T may be 1 to broadcast), or None
         (attend to everything).
       bias_Bx1xTxS: additive float bias on the scaled scores, same layout as the mask (BERT's padding bias), or
         None.
