@@ -174,11 +174,17 @@ def _all_finite(leaves: list) -> jax.Array:
 
 
 def _check_finite_base(params: Mapping, targets: Sequence[tuple[str, ...]], cfg: AdapterConfig) -> None:
-    """Refuse NaN/inf in a targeted kernel before an init decomposes it (one jitted reduction per kernel)."""
+    """Refuse NaN/inf in a targeted kernel before an init decomposes it (one jitted reduction per kernel).
+
+    Under a trace (``jax.jit(jgoat.wrap)``, ``jax.eval_shape``, as `jgoat.memory` plans) there are no values to check.
+    """
     for path in targets:
         kernel = get_at(params, path)["kernel"]
         leaves = [x for x in jax.tree.leaves(kernel) if jnp.issubdtype(x.dtype, jnp.inexact)]
-        if not bool(_all_finite(leaves)):
+        finite = _all_finite(leaves)
+        if isinstance(finite, jax.core.Tracer):
+            return
+        if not bool(finite):
             raise JgoatError(f"base weight '{path_str(path)}/kernel' holds NaN or inf values: {type(cfg).__name__}'s "
                              "init decomposes the base kernel, which must be finite; check the checkpoint")
 
