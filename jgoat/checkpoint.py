@@ -50,6 +50,19 @@ def _check_metadata(metadata: Any) -> dict:
     return dict(metadata)
 
 
+def _storable(x: Any) -> Any:
+    """A leaf as orbax writes it: a jax array as it is (sharded ones shard by shard, no gather), else numpy."""
+    return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _target(x: Any) -> jax.ShapeDtypeStruct:
+    """Where a restored leaf goes: onto the template leaf's sharding when it is a jax array (any device or mesh,
+    whatever mesh saved it), else to the host."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
+
 def save(
     directory: str | os.PathLike,
     tree: PyTree,
@@ -60,6 +73,9 @@ def save(
     max_to_keep: int | None = 3,
 ) -> None:
     """Save the adapters of `tree` (full wrapped tree or the trainable half) at `step` under `directory`.
+
+    Arrays on a device mesh are written shard by shard by each process (no gather to one host); a process killed
+    mid-save never replaces the last good step.
 
     Args:
       directory: checkpoint root; each step is a subdirectory managed by orbax.
@@ -75,8 +91,8 @@ def save(
     leaves = adapter_leaves(tree)
     if not leaves:
         raise ValueError("tree holds no adapters: wrap it with jgoat.wrap before saving")
-    arrays = {f"a{i:05d}": np.asarray(x) for i, x in enumerate(leaves.values())}
-    opt_leaves = {f"o{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+    arrays = {f"a{i:05d}": _storable(x) for i, x in enumerate(leaves.values())}
+    opt_leaves = {f"o{i:05d}": _storable(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
     record = {
         "step": int(step),
         "fingerprint": fingerprint(tree),
@@ -125,8 +141,10 @@ def restore(
 ) -> tuple[PyTree, PyTree, dict[str, Any]]:
     """Put saved adapters into `tree` (a wrapped tree on the same base, e.g. from the same ``jgoat.wrap`` call).
 
-    Refuses (ValueError) when the base fingerprint differs from the one recorded at save time, or when the adapter
-    layout (paths, shapes) differs.
+    Each restored leaf lands with the sharding of the `tree` / `opt_state` leaf it replaces, read shard by shard: a
+    checkpoint saved on one mesh restores onto another mesh shape or onto one device (``jgoat.shard`` the templates
+    first). Refuses (ValueError) when the base fingerprint differs from the one recorded at save time, or when the
+    adapter layout (paths, shapes) differs.
 
     Args:
       directory: checkpoint root.
@@ -156,12 +174,9 @@ def restore(
         if opt_state is not None and len(opt_template) != record["opt_leaves"]:
             raise ValueError(f"optimizer state template has {len(opt_template)} leaves, checkpoint has "
                              f"{record['opt_leaves']}: build it with the same optimizer and trainable tree")
-        abstract = {f"a{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(leaves.values())}
-        items = {"adapter": ocp.args.StandardRestore(abstract)}
+        items = {"adapter": ocp.args.StandardRestore({f"a{i:05d}": _target(x) for i, x in enumerate(leaves.values())})}
         if opt_template:
-            items["opt"] = ocp.args.StandardRestore(
-                {f"o{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                 for i, x in enumerate(opt_template)})
+            items["opt"] = ocp.args.StandardRestore({f"o{i:05d}": _target(x) for i, x in enumerate(opt_template)})
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
     # orbax hands back host numpy arrays for unsharded targets: make them jax arrays like the tree they came from
     values = iter(jnp.asarray(restored["adapter"][f"a{i:05d}"]) for i in range(len(leaves)))

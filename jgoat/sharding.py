@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,7 +44,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jgoat.adapters import (
@@ -57,7 +55,7 @@ from jgoat.adapters import (
     LoraAdapter,
     LoriAdapter,
 )
-from jgoat.core import ADAPTER_KEY, Layout, adapter_leaves, fingerprint, layout_for, path_str
+from jgoat.core import ADAPTER_KEY, Layout, layout_for, path_str
 from jgoat.quant import NF4Kernel
 from jgoat.train import TrainState
 
@@ -427,90 +425,6 @@ def sharded_step(step_fn: Callable, mesh: Mesh, state_sh: TrainState, frozen_sh:
 
     run.lower = jitted.lower
     return run
-
-
-# ---- sharded checkpoints: jgoat.checkpoint's format, arrays written and read shard by shard ----
-
-def _manager(directory: str | os.PathLike, max_to_keep: int | None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def save_sharded(directory: str | os.PathLike, tree: PyTree, *, step: int, opt_state: PyTree = None,
-                 metadata: Mapping[str, Any] | None = None, max_to_keep: int | None = 3) -> None:
-    """``jgoat.save`` for arrays on a mesh: orbax writes each array shard by shard (no gather to one host).
-
-    Same directory layout and JSON record as ``jgoat.save`` (``jgoat.restore`` reads it, and this module's
-    :func:`restore_sharded` reads ``jgoat.save``'s); a process killed mid-save never replaces the last good step.
-    """
-    leaves = adapter_leaves(tree)
-    if not leaves:
-        raise ValueError("tree holds no adapters: wrap it with jgoat.wrap before saving")
-    opt_leaves = jax.tree.leaves(opt_state)
-    record = {"step": int(step), "fingerprint": fingerprint(tree), "adapter_paths": list(leaves),
-              "adapter_shapes": [list(x.shape) for x in leaves.values()], "opt_leaves": len(opt_leaves),
-              "metadata": dict(metadata or {})}
-    items = {"adapter": ocp.args.StandardSave({f"a{i:05d}": x for i, x in enumerate(leaves.values())}),
-             "record": ocp.args.JsonSave(record)}
-    if opt_leaves:
-        items["opt"] = ocp.args.StandardSave({f"o{i:05d}": x for i, x in enumerate(opt_leaves)})
-    with _manager(directory, max_to_keep) as mngr:
-        mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
-        mngr.wait_until_finished()
-
-
-def _abstract(x) -> jax.ShapeDtypeStruct:
-    sharding = getattr(x, "sharding", None)
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-
-def restore_sharded(directory: str | os.PathLike, tree: PyTree, *, step: int | None = None,
-                    opt_state: PyTree = None) -> tuple[PyTree, PyTree, dict[str, Any]]:
-    """``jgoat.restore`` onto the shardings of the templates: each restored leaf lands with the sharding of the
-    `tree` / `opt_state` leaf it replaces, read shard by shard — on any mesh shape, whatever mesh saved it.
-
-    Checks as ``jgoat.restore``: the base fingerprint, the adapter paths and shapes, the optimizer leaf count.
-
-    Example:
-      >>> on_mesh = jgoat.shard(wrapped, jgoat.mesh(fsdp=8))
-      >>> tree, opt_state, record = jgoat.restore_sharded(ckpt_dir, on_mesh, opt_state=state.opt_state)
-    """
-    with _manager(directory, None) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
-        record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-        leaves = adapter_leaves(tree)
-        if record["fingerprint"] != fingerprint(tree):
-            raise ValueError(f"checkpoint {directory} (step {step}) was trained on a different base model: its "
-                             "base fingerprint does not match these params")
-        if record["adapter_paths"] != list(leaves) or record["adapter_shapes"] != [list(x.shape)
-                                                                                   for x in leaves.values()]:
-            diff = sorted(set(record["adapter_paths"]) ^ set(leaves))[:8]
-            raise ValueError(f"checkpoint adapter layout differs from the tree's (differing paths: {diff}); wrap "
-                             "the base with the same config as at save time")
-        opt_template = jax.tree.leaves(opt_state)
-        if opt_state is not None and len(opt_template) != record["opt_leaves"]:
-            raise ValueError(f"optimizer state template has {len(opt_template)} leaves, checkpoint has "
-                             f"{record['opt_leaves']}: build it with the same optimizer and trainable tree")
-        items = {"adapter": ocp.args.StandardRestore({f"a{i:05d}": _abstract(x)
-                                                      for i, x in enumerate(leaves.values())})}
-        if opt_template:
-            items["opt"] = ocp.args.StandardRestore({f"o{i:05d}": _abstract(x) for i, x in enumerate(opt_template)})
-        restored = mngr.restore(step, args=ocp.args.Composite(**items))
-    values = iter(restored["adapter"][f"a{i:05d}"] for i in range(len(leaves)))
-    new_tree = _replace_adapter_leaves(tree, set(leaves), values)
-    new_opt = opt_state
-    if opt_template:
-        new_opt = jax.tree.unflatten(jax.tree.structure(opt_state),
-                                     [restored["opt"][f"o{i:05d}"] for i in range(len(opt_template))])
-    return new_tree, new_opt, record
-
-
-def _replace_adapter_leaves(tree: PyTree, paths: set[str], values) -> PyTree:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = [next(values) if jax.tree_util.keystr(p, simple=True, separator="/") in paths else x for p, x in flat]
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def compiled_memory(step: Callable, *args) -> dict[str, int]:
