@@ -18,6 +18,7 @@ import optax
 
 import jgoat
 from jgoat.core import AdapterConfig
+from jgoat.errors import JgoatError
 from jgoat.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 
 GIB = 1024**3
@@ -43,6 +44,11 @@ class MemoryEstimate:
     def row(self, name: str) -> str:
         return (f"| {name} | {self.trainable_params / 1e6:,.1f} M | {self.argument_bytes / GIB:.2f} | "
                 f"{self.temp_bytes / GIB:.2f} | {self.peak_bytes / GIB:.2f} | {self.flops / 1e12:.1f} |")
+
+
+# Plans above this are refused before compiling: no device holds a petabyte, and XLA's CPU buffer assignment aborts
+# the whole process (a C++ check failure, not a Python error) on plans near 2^63 bytes.
+MAX_PARAM_BYTES = 2**50
 
 
 def _size(tree) -> int:
@@ -75,6 +81,10 @@ def estimate_llama_training(
     model = LlamaForCausalLM(model_config)
     ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(ids.shape, ids.dtype))["params"])
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    if param_bytes > MAX_PARAM_BYTES:
+        raise JgoatError(f"this config has {_size(params):,} parameters ({param_bytes / 2**50:,.0f} PiB), beyond "
+                         "any device: check its sizes (hidden_size, intermediate_size, num_hidden_layers, vocab_size)")
     if quantize:
         if adapter is None:
             raise ValueError("quantize=True needs an adapter: a quantised base cannot be fully fine-tuned")

@@ -1,5 +1,9 @@
 """estimate_llama_training: abstract compile of a real train step; counts checked against the shapes by hand."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +111,14 @@ def test_estimate_memory_command_plans_every_wrap_method(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs an adapter"):
         cli.estimate_memory(cli.build_parser().parse_args(["estimate-memory", "--method", "full", "--quantize", "nf4",
                                                            *common]))
+
+
+def test_an_absurd_config_is_refused_before_compiling(tmp_path):
+    """hidden 4,096,000 × 100,000 layers: ~2^63 bytes, where XLA's CPU compiler aborts the process (rc 134)."""
+    config = tmp_path / "absurd.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 4_096_000, "intermediate_size": 11008,
+                                  "num_hidden_layers": 100_000, "num_attention_heads": 32, "vocab_size": 32000}))
+    proc = subprocess.run([sys.executable, "-m", "jgoat", "estimate-memory", "--config", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and "parameters" in proc.stderr and "PiB" in proc.stderr
