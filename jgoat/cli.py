@@ -160,6 +160,10 @@ def train_parser() -> jsonargparse.ArgumentParser:
                    help="sft: apply the tokenizer's chat template when it has one (--no-chat-template: plain "
                         "prompt+response)")
     t.add_argument("--image-column", default="image")
+    t.add_argument("--encoding", default=None,
+                   help="text encoding of CSV/JSON data files (default: UTF-8, else latin-1 with a warning)")
+    t.add_argument("--skip-bad-images", default=False, action=_switch(),
+                   help="image data: skip (and count) files that do not open as images instead of failing")
     t.add_argument("--method", default="goat", choices=METHODS)
     t.add_argument("--targets", default=None, type=_targets,
                    help="'all-linear' (default; ia3: peft's defaults for the model type), a comma list of module "
@@ -692,7 +696,8 @@ def load_task(args: argparse.Namespace) -> tasks.Task:
         model_dir = args.model or str(minilm_path())
         data = data_lib.load_text_classification(
             load_tokenizer(model_dir), path=args.data, max_length=args.max_length, test_size=args.test_size,
-            seed=args.seed, text_column=args.text_column, label_column=args.label_column or "sentiment")
+            seed=args.seed, text_column=args.text_column, label_column=args.label_column or "sentiment",
+            encoding=args.encoding)
         model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=key, dtype=dtype)
         return tasks.classify_task(model, params, data, model_dir)
     if args.model is None:

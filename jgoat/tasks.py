@@ -169,11 +169,18 @@ def _tokenise_pairs(tokenizer, dataset, text_column: str, pair_column: str | Non
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
+def train_and_eval(opts) -> tuple[Any, Any]:
+    """(train, eval) datasets of --data / --eval-data (or --test-size held out), read with --encoding and
+    --skip-bad-images."""
+    read = dict(encoding=opts.encoding, skip_bad_images=opts.skip_bad_images)
+    return data_lib.train_eval_split(data_lib.load_table(opts.data, **read), opts.eval_data, opts.test_size,
+                                     opts.seed, **read)
+
+
 def load_classify(opts, *, model_dir: str, dtype, key) -> Task:
     """Encoder + labelled text from `datasets` (text column, optional text-pair column as GLUE, label column)."""
     tokenizer = load_tokenizer(model_dir)
-    train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
-                                                opts.seed)
+    train, held_out = train_and_eval(opts)
     label_column = opts.label_column or "label"
     names = data_lib.label_names_of(train, label_column)
     splits = []
@@ -189,8 +196,7 @@ def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
     tokenizer = load_tokenizer(model_dir)
     if opts.data is None:
         raise ValueError("--task sft needs --data (a json/jsonl/csv/parquet file, a data folder or a hub name)")
-    train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
-                                                opts.seed)
+    train, held_out = train_and_eval(opts)
     kw = dict(max_length=opts.max_length, prompt_column=opts.prompt_column, response_column=opts.response_column,
               messages_column=opts.messages_column, use_chat_template=opts.chat_template)
     splits = [ArraySplit(data_lib.sft_arrays(tokenizer, ds, **kw)) for ds in (train, held_out)]
@@ -203,8 +209,7 @@ def load_image(opts, *, model_dir: str, dtype, key) -> Task:
     if opts.data is None:
         raise ValueError("--task image needs --data (an imagefolder directory, a table of image paths, or a hub name)")
     processor = read_preprocessor_config(model_dir)
-    train, held_out = data_lib.train_eval_split(data_lib.load_table(opts.data), opts.eval_data, opts.test_size,
-                                                opts.seed)
+    train, held_out = train_and_eval(opts)
     label_column = opts.label_column or "label"
     names = data_lib.label_names_of(train, label_column)
     base = pathlib.Path(opts.data)

@@ -588,3 +588,23 @@ def test_config_that_matches_or_uses_fewer_layers_passes(tmp_path):
     config = tiny_decoder(tmp_path, layers=3)
     formats.check_config_against_checkpoint(config, tmp_path)
     formats.check_config_against_checkpoint({**config, "num_hidden_layers": 2}, tmp_path)  # as transformers allows
+
+
+def test_cli_flags_reach_the_data_reader(tmp_path):
+    """--encoding and --skip-bad-images go from `jgoat train`'s flags to the reader (train and held-out data)."""
+    pytest.importorskip("PIL")
+    from jgoat import cli, tasks
+
+    for label in ("cat", "dog"):
+        for i in range(3):
+            png(tmp_path / "images" / label / f"{i}.png")
+    write(tmp_path / "images" / "dog" / "bad.png", b"garbage")
+    args = cli.build_parser().parse_args(["train", "--task", "image", "--data", str(tmp_path / "images"),
+                                          "--test-size", "2", "--skip-bad-images", "--encoding", "latin-1"])
+    assert (args.encoding, args.skip_bad_images) == ("latin-1", True)
+    with pytest.warns(data_lib.DataWarning, match=r"skipped 1 unreadable image"):
+        train, held_out = tasks.train_and_eval(args)
+    assert (len(train), len(held_out)) == (4, 2)
+    args = cli.build_parser().parse_args(["train", "--task", "image", "--data", str(tmp_path / "images")])
+    with pytest.raises(data_lib.DataError, match=r"bad\.png"):
+        tasks.train_and_eval(args)
