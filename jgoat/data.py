@@ -271,19 +271,47 @@ def _root_cause(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def bad_images(folder: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
-    """(file, reason) for every image file under `folder` that PIL cannot open and verify (structure and
-    checksums, without decoding the pixels)."""
+def image_problem(file: pathlib.Path) -> str | None:
+    """Why PIL cannot open and verify `file` (structure and checksums, without decoding the pixels), or None."""
     from PIL import Image
 
-    bad = []
-    for file in sorted(f for f in folder.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file()):
-        try:
-            with Image.open(file) as image:
-                image.verify()
-        except Exception as err:  # noqa: BLE001  (PIL raises many types for a bad file; each is reported)
-            bad.append((file, (str(err).splitlines() or [type(err).__name__])[0]))
-    return bad
+    try:
+        with Image.open(file) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001  (PIL raises many types for a bad file; each is reported)
+        return (str(err).splitlines() or [type(err).__name__])[0]
+    return None
+
+
+def bad_images(folder: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """(file, reason) for every image file under `folder` that PIL cannot open and verify."""
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file())
+    return [(file, why) for file in files if (why := image_problem(file)) is not None]
+
+
+def checked_image_table(table, column: str, base_dir: pathlib.Path, *, skip_bad_images: bool = False):
+    """`table` (a table whose `column` holds image file paths, relative to `base_dir`) with every file checked up
+    front: a missing or unreadable one is a :class:`DataError` naming it and its row, or, with `skip_bad_images`,
+    its row is dropped (a :class:`DataWarning` gives the count). Tables of decoded images are returned as they are."""
+    if column not in table.column_names:
+        raise DataError(f"no image column {column!r} in the data (columns: {table.column_names}); pass the image "
+                        "column's name")
+    if getattr(table.features[column], "dtype", None) != "string":  # decoded images (an imagefolder): checked there
+        return table
+    paths = table[column]
+    bad = [(row, base_dir / path, "no such file" if not (base_dir / path).is_file() else image_problem(base_dir / path))
+           for row, path in enumerate(paths)]
+    bad = [(row, file, why) for row, file, why in bad if why is not None]
+    if not bad:
+        return table
+    row, file, why = bad[0]
+    if not skip_bad_images:
+        raise DataError(f"{file} (row {row + 1}): not a readable image ({why}); {len(bad)} bad image path(s) in the "
+                        "table: fix or remove them, or skip them (skip_bad_images)")
+    warnings.warn(f"skipped {len(bad)} unreadable image(s), first {file} (row {row + 1}: {why})", DataWarning,
+                  stacklevel=2)
+    dropped = {r for r, _, _ in bad}
+    return table.select([i for i in range(len(paths)) if i not in dropped])
 
 
 def _load_image_folder(path: pathlib.Path, split: str, skip_bad_images: bool):

@@ -210,17 +210,20 @@ def load_image(opts, *, model_dir: str, dtype, key) -> Task:
         raise ValueError("--task image needs --data (an imagefolder directory, a table of image paths, or a hub name)")
     processor = read_preprocessor_config(model_dir)
     train, held_out = train_and_eval(opts)
-    label_column = opts.label_column or "label"
-    names = data_lib.label_names_of(train, label_column)
     base = pathlib.Path(opts.data)
     base_dir = base.parent if base.is_file() else base
+    eval_dir = base_dir if opts.eval_data is None else pathlib.Path(opts.eval_data).parent
+    check = functools.partial(data_lib.checked_image_table, column=opts.image_column,
+                              skip_bad_images=opts.skip_bad_images)
+    train, held_out = check(train, base_dir=base_dir), check(held_out, base_dir=eval_dir)
+    label_column = opts.label_column or "label"
+    names = data_lib.label_names_of(train, label_column)
 
-    def split(ds, eval_source):
-        where = base_dir if eval_source is None else pathlib.Path(eval_source).parent
+    def split(ds, where):
         return ImageSplit(ds, opts.image_column, data_lib.label_ids(ds, label_column, names), processor, where)
 
     model, params, _ = from_pretrained(model_dir, num_labels=len(names), key=key, dtype=dtype)
-    return Task("image", model, params, split(train, None), split(held_out, opts.eval_data), names, opts.data,
+    return Task("image", model, params, split(train, base_dir), split(held_out, eval_dir), names, opts.data,
                 model_dir)
 
 

@@ -608,3 +608,25 @@ def test_cli_flags_reach_the_data_reader(tmp_path):
     args = cli.build_parser().parse_args(["train", "--task", "image", "--data", str(tmp_path / "images")])
     with pytest.raises(data_lib.DataError, match=r"bad\.png"):
         tasks.train_and_eval(args)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_an_image_table_is_checked_up_front(tmp_path, skip):
+    """A table of image paths: a missing or corrupt file is named with its row before anything trains, or its row
+    is dropped with a count (skip_bad_images); the good rows and their labels stay in order."""
+    pytest.importorskip("PIL")
+    rows = []
+    for i, label in enumerate(["cat", "dog", "cat", "dog"]):
+        png(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "label": label})
+    write(tmp_path / "bad.png", b"garbage")
+    rows += [{"image": "bad.png", "label": "dog"}, {"image": "gone.png", "label": "cat"}]
+    write(tmp_path / "t.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    table = data_lib.load_table(str(tmp_path / "t.jsonl"))
+    if not skip:
+        with pytest.raises(data_lib.DataError, match=r"bad\.png \(row 5\): not a readable image.*2 bad image"):
+            data_lib.checked_image_table(table, "image", tmp_path)
+        return
+    with pytest.warns(data_lib.DataWarning, match=r"skipped 2 unreadable image\(s\), first .*bad\.png \(row 5"):
+        kept = data_lib.checked_image_table(table, "image", tmp_path, skip_bad_images=True)
+    assert kept["image"] == ["0.png", "1.png", "2.png", "3.png"] and kept["label"] == ["cat", "dog", "cat", "dog"]
