@@ -344,11 +344,12 @@ def fingerprint(tree: PyTree) -> str:
     for path, leaf in leaf_paths(tree):
         if is_adapter_path(path, saved):
             continue
-        flat = leaf.reshape(-1)
-        n = flat.shape[0]
+        n = math.prod(leaf.shape)
         idx = np.unique(np.concatenate([np.linspace(0, n - 1, min(n, _SAMPLES)).astype(np.int64),
                                         np.arange(min(n, 64)), np.arange(max(n - 64, 0), n)]))
-        sample = np.asarray(flat[idx])
+        # the flat (C-order) positions as per-dim indices: a sharded leaf is sampled in place, never reshaped to 1-D
+        # (which would gather it onto every device)
+        sample = np.asarray(leaf[np.unravel_index(idx, leaf.shape)] if leaf.ndim else leaf).reshape(-1)
         h.update(f"{path}|{tuple(leaf.shape)}|{sample.dtype}|".encode())
         h.update(sample.tobytes())
     return h.hexdigest()
