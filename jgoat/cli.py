@@ -159,6 +159,10 @@ def train_parser() -> jsonargparse.ArgumentParser:
     t.add_argument("--chat-template", default=True, action=_switch(),
                    help="sft: apply the tokenizer's chat template when it has one (--no-chat-template: plain "
                         "prompt+response)")
+    t.add_argument("--packing", default=True, action=_switch(),
+                   help="sft: pack several examples into each --max-length row (segment-masked attention, positions "
+                        "restart per example; --batch-size then counts rows); padded rows with prompt tuning or "
+                        "--aux-count-padding, or with --no-packing")
     t.add_argument("--image-column", default="image")
     t.add_argument("--encoding", default=None,
                    help="text encoding of CSV/JSON data files (default: UTF-8, else latin-1 with a warning)")
