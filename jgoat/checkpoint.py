@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from jgoat.core import adapter_leaves, fingerprint, is_adapter_path, saved_prefixes
 from jgoat.errors import JgoatError
 
 PyTree = Any
-__all__ = ["adapter_leaves", "fingerprint", "latest_step", "read_adapters", "restore", "save"]
+__all__ = ["adapter_leaves", "fingerprint", "latest_step", "read_adapters", "restore", "save", "verify"]
 
 
 def _manager(directory: str | os.PathLike, max_to_keep: int | None, *, create: bool = False) -> ocp.CheckpointManager:
@@ -132,6 +133,29 @@ def latest_step(directory: str | os.PathLike) -> int | None:
         return mngr.latest_step()
 
 
+def verify(directory: str | os.PathLike, step: int) -> None:
+    """Read every stored value of `step` once, synchronously, checking the checksums orbax's storage (OCDBT) keeps.
+
+    Raises JgoatError naming the damaged file. `restore` calls it first: orbax's own reader, when a file is damaged,
+    raises while other reads are still in flight, and their completions then print hundreds of "Event loop is
+    closed" tracebacks into a closed asyncio loop. Reading key by key here fails cleanly, before orbax reads anything.
+    """
+    root = os.path.join(os.path.abspath(directory), str(step))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"checkpoint step {root!r} does not exist")
+    for item in sorted(os.listdir(root)):
+        if not os.path.isfile(os.path.join(root, item, "manifest.ocdbt")):
+            continue  # JSON items (the record) are parsed, hence checked, when read
+        spec = {"driver": "ocdbt", "base": f"file://{os.path.join(root, item)}/"}
+        try:
+            store = ts.KvStore.open(spec).result()
+            for key in store.list().result():
+                store.read(key).result()
+        except ValueError as err:  # tensorstore reports DATA_LOSS / NOT_FOUND / decode errors as ValueError
+            first = str(err).strip().splitlines()[0][:300]
+            raise JgoatError(f"checkpoint {root} is damaged ({item}: {first})") from None
+
+
 def restore(
     directory: str | os.PathLike,
     tree: PyTree,
@@ -159,6 +183,7 @@ def restore(
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
+        verify(directory, step)
         record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
         leaves = adapter_leaves(tree)
         if record["fingerprint"] != fingerprint(tree):

@@ -11,6 +11,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -379,3 +381,39 @@ def test_finite_base_passes_and_inits_that_never_read_the_base_skip_the_check():
     assert [p for p, _ in jgoat.adapters(tree)] == ["encoder/layer_0/dense", "encoder/layer_1/dense"]
     # inits that never read the base skip the check: a NaN base gets kaiming LoRA (training would then say so)
     jgoat.wrap(nan_at(params, ("encoder", "layer_0", "dense")), jgoat.LoraConfig(rank=2), key=jax.random.key(0))
+
+
+DAMAGED_RESTORE = r"""
+import pathlib, sys, time, jax, jax.numpy as jnp, numpy as np, jgoat
+base = {f"layer_{i}": {"dense": {"kernel": np.full((16, 16), 0.01 * (i + 1), np.float32)}} for i in range(40)}
+tree = jgoat.wrap(base, jgoat.GoatConfig(rank=4, experts=4, top_k=2, targets=["dense"]), key=jax.random.key(1))
+d = pathlib.Path(sys.argv[1])
+jgoat.save(d, tree, step=1)
+jgoat.save(d, tree, step=2)
+data = max((d / "2" / "adapter" / "d").iterdir(), key=lambda p: p.stat().st_size)
+raw = bytearray(data.read_bytes())
+raw[len(raw) // 2] ^= 0xFF
+data.write_bytes(bytes(raw))
+try:
+    jgoat.restore(d, tree)
+except jgoat.JgoatError as err:
+    print("REFUSED", err)
+time.sleep(1.0)  # late completions of reads still in flight would print here
+restored, _, record = jgoat.restore(d, tree, step=1)
+same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)))
+print("STEP", record["step"], same)
+"""
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_with_no_tracebacks_from_reads_in_flight(tmp_path):
+    """A flipped byte in the newest step's data: one JgoatError naming the step, nothing printed to stderr (orbax's
+    own reader used to fail while other reads were in flight; their completions printed ~1,000 lines of "Event loop
+    is closed" tracebacks in most runs), and the older step still restores exactly."""
+    done = subprocess.run([sys.executable, "-c", DAMAGED_RESTORE, str(tmp_path / "ck")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = [line for line in done.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 1 and f"checkpoint {tmp_path / 'ck' / '2'} is damaged" in refused[0]
+    assert "CRC-32C checksum" in refused[0]
+    assert "STEP 1 True" in done.stdout
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[:2000]

@@ -135,6 +135,7 @@ def test_resume_falls_back_from_a_corrupt_newest_checkpoint_and_refuses_other_se
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warnings = [w for w in resumed.stderr.splitlines() if "jgoat: warning" in w]
     assert len(warnings) == 1 and str(ckpt / "12") in warnings[0] and "resumed from step 8" in warnings[0]
+    assert "Traceback" not in resumed.stderr and "Event loop is closed" not in resumed.stderr
     assert (ckpt / "12.corrupt").is_dir()
     _, again = final_adapters(out)  # steps 9-12 trained again from the step-8 checkpoint: the same adapters
     for name in straight:
