@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), lint, and run the default test suite (slow suites excluded: run them with -m slow).
+# Tests run in parallel processes (pytest-xdist: one per core, at most 4 — each holds jax, torch and peft, ~1.5 GB;
+# JGOAT_TEST_WORKERS overrides, 0 runs them in this process); the 25 slowest are listed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 set +e
-.venv/bin/python -m pytest -q -m "not slow" "$@"
+.venv/bin/python -m pytest -q -m "not slow" -n "${JGOAT_TEST_WORKERS:-auto}" --maxprocesses 4 --durations 25 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
