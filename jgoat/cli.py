@@ -48,7 +48,7 @@ import yaml
 
 import jgoat
 from jgoat import data as data_lib
-from jgoat import tasks, trainer
+from jgoat import sharding, tasks, trainer
 from jgoat.adapters.prompt import require_hooks
 from jgoat.errors import JgoatError, NonFiniteError
 from jgoat.memory import estimate_llama_training, llama2_7b
@@ -236,6 +236,10 @@ def train_parser() -> jsonargparse.ArgumentParser:
                         "eval (sft)")
     t.add_argument("--wandb", default=False, action=_switch(),
                    help="also log to Weights & Biases (needs `pip install wandb`; project 'jgoat', run = method)")
+    t.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor, expert; their product is the "
+                        "device count, data fills what the others leave); default: every device on data (data "
+                        "parallel). Batches are split over data×fsdp")
     t.add_argument("--debug", default=False, action=_switch(), help="show tracebacks of errors")
     return t
 
@@ -280,7 +284,8 @@ class CommandLine:
             files, rest = _config_files(rest)
             defaults = vars(self.commands["train"].get_defaults())
             switches = {k for k, v in defaults.items() if isinstance(v, bool)}
-            rest = [token for path in files for token in ("--config", json.dumps(read_config(path, switches)))] + rest
+            configs = _length_precedence([(path, read_config(path, switches)) for path in files], rest)
+            rest = [token for config in configs for token in ("--config", json.dumps(config))] + rest
         try:
             parsed = self.commands[command].parse_args(rest)
         except jsonargparse.ArgumentError as err:
@@ -310,6 +315,29 @@ def _config_files(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(token)
     return files, rest
+
+
+LENGTH = ("steps", "epochs")  # two ways to say how long a run is: one wins as a whole, never a mix of levels
+
+
+def _length_precedence(configs: list[tuple[str, dict[str, Any]]], argv: Sequence[str]) -> list[dict[str, Any]]:
+    """The config files' flags after the run-length rule: an explicit --steps or --epochs on the command line beats
+    both keys of every config file (a later file's steps / epochs beats an earlier file's); the two given on the same
+    level (the command line, or one file) are an error."""
+    given = [name for name in LENGTH if any(t == _flag(name) or t.startswith(_flag(name) + "=") for t in argv)]
+    if len(given) == 2:
+        raise JgoatError("--steps and --epochs both given: give one (--epochs N trains N epochs, --steps N that many "
+                         "optimizer steps)")
+    for path, config in configs:
+        if all(name in config for name in LENGTH):
+            raise JgoatError(f"{path}: gives both 'steps' and 'epochs': keep one of them")
+    out = []
+    for i, (_, config) in enumerate(configs):
+        later = {name for name in LENGTH for _, c in configs[i + 1:] if name in c}
+        if given or later:  # a length given at a higher level replaces this file's
+            config = {k: v for k, v in config.items() if k not in LENGTH}
+        out.append(config)
+    return out
 
 
 def read_config(path: str | os.PathLike, switches: Collection[str] = ()) -> dict[str, Any]:
@@ -351,6 +379,8 @@ def read_config(path: str | os.PathLike, switches: Collection[str] = ()) -> dict
             raise JgoatError(f"{path}: '{key}' takes true or false, got {value!r}")
         if name == "config":
             raise JgoatError(f"{path}: a config file cannot name another config ('{key}')")
+        if name == "mesh" and isinstance(value, dict):  # mesh: {data: 2, fsdp: 4}
+            value = ",".join(f"{axis}={size}" for axis, size in value.items())
         out[name] = ",".join(map(str, value)) if isinstance(value, list) else value
     return out
 
@@ -361,11 +391,73 @@ FINITE_POSITIVE = ("lr", "head_lr", "alpha", "eta", "rho", "gora_lr_init")
 FINITE_NON_NEGATIVE = ("weight_decay", "clip_norm", "aux_coeff", "kasa_beta", "kasa_gamma")
 DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".arrow")
 # what a --resume may not change unless --allow-change names it: every setting but these run-time ones
-RUNTIME = ("command", "resume", "allow_change", "debug", "out", "baseline", "wandb", "log_every")
+# (the mesh may change on --resume: checkpoints restore onto any mesh)
+RUNTIME = ("command", "resume", "allow_change", "debug", "out", "baseline", "wandb", "log_every", "mesh")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'owner/name' or 'name' of the Hugging Face Hub
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def mesh_sizes(spec: str | None) -> dict[str, int]:
+    """--mesh ``data=2,fsdp=4`` as ``{"data": 2, "fsdp": 4}`` (axes not named are left out); a JgoatError names
+    an unknown axis, a size that is not a positive integer or an axis given twice."""
+    if spec is None:
+        return {}
+    sizes: dict[str, int] = {}
+    for part in str(spec).split(","):
+        axis, eq, value = (x.strip() for x in part.partition("="))
+        if not eq:
+            raise JgoatError(f"--mesh {spec}: '{part.strip()}' is not axis=size (e.g. --mesh data=2,fsdp=4)")
+        if axis not in sharding.MESH_AXES:
+            raise JgoatError(f"--mesh {spec}: unknown axis '{axis}' (the axes are {', '.join(sharding.MESH_AXES)})")
+        if axis in sizes:
+            raise JgoatError(f"--mesh {spec}: axis '{axis}' given twice")
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+            raise JgoatError(f"--mesh {spec}: {axis}={value} is not a positive integer")
+        sizes[axis] = int(value)
+    return sizes
+
+
+def build_mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
+    """The device mesh of --mesh over every device (data fills what the other axes leave; with no --mesh, every
+    device on data: data parallel); a product other than the device count is a JgoatError."""
+    spec = getattr(args, "mesh", None)
+    sizes, n = mesh_sizes(spec), jax.device_count()
+    others = {a: sizes.get(a, 1) for a in sharding.MESH_AXES if a != "data"}
+    rest = math.prod(others.values())
+    if "data" not in sizes and n % rest:
+        raise JgoatError(f"--mesh {spec}: fsdp×tensor×expert = {'×'.join(map(str, others.values()))} = {rest} does "
+                         f"not divide the {_devices(n)} here: give sizes whose product divides {n}")
+    data = sizes.get("data", n // rest)
+    if data * rest != n:
+        raise JgoatError(f"--mesh {spec}: data×fsdp×tensor×expert = {data}×{'×'.join(map(str, others.values()))} = "
+                         f"{data * rest}, not the {_devices(n)} here: make the sizes multiply to {n} (leave out data "
+                         "to fill it)")
+    return jgoat.mesh(data=data, **others)
+
+
+def _devices(n: int) -> str:
+    return f"{n} device{'s' if n != 1 else ''}"
+
+
+def describe_mesh(mesh: jax.sharding.Mesh) -> str:
+    """The one line `jgoat train` prints at start."""
+    axes = " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+    return (f"mesh: {axes} over {mesh.size} {mesh.devices.flat[0].platform} device{'s' if mesh.size > 1 else ''} "
+            f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); batches split over "
+            f"data×fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
+
+
+def _not_local(flag: str, value: str, what: str) -> JgoatError:
+    """--model / --data naming something that is not on this machine: a Hub name gets the download hint."""
+    if HUB_NAME.fullmatch(value) and not value.lower().endswith(DATA_SUFFIXES):
+        kind = " --repo-type dataset" if flag != "--model" else ""
+        return JgoatError(f"{flag} {value}: not a local {what}, and `jgoat train` does not download from the "
+                          f"Hugging Face Hub (it runs offline): download it first (huggingface-cli download {value}"
+                          f"{kind} --local-dir DIR) and pass {flag} DIR")
+    return JgoatError(f"{flag} {value}: no such file or folder")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -399,15 +491,14 @@ def validate(args: argparse.Namespace) -> None:
                 raise JgoatError(f"{_flag(name)} {rule!r}: invalid regex ({err}); give a path regex or a comma "
                                  "list of module names") from err
     model = resolve_model(args.model)
-    if model is not None and not pathlib.Path(model).exists():
-        raise JgoatError(f"--model {args.model}: no such file or folder (give a HF checkpoint folder, a .gguf file, "
-                         "'minilm' or 'smollm2')")
+    if model is not None and not pathlib.Path(model).expanduser().exists():
+        err = _not_local("--model", args.model, "folder")
+        raise JgoatError(f"{err} (give a HF checkpoint folder, a .gguf file, 'minilm' or 'smollm2')"
+                         if "Hub" not in str(err) else str(err))
     for name in ("data", "eval_data"):
         value = getattr(args, name)
-        looks_local = value is not None and (value.lower().endswith(DATA_SUFFIXES) or value.startswith(
-            ("/", "./", "../", "~")))
-        if looks_local and not pathlib.Path(value).expanduser().exists():
-            raise JgoatError(f"{_flag(name)} {value}: no such file or folder")
+        if value is not None and not pathlib.Path(value).expanduser().exists():
+            raise _not_local(_flag(name), value, "file or folder")
     if args.prompt_init == "text" and args.method == "prompt" and not args.prompt_init_text:
         raise JgoatError("--prompt-init text needs --prompt-init-text (the words the virtual tokens start from)")
     unknown = sorted(set(args.allow_change) - set(run_config(args)))
@@ -418,6 +509,15 @@ def validate(args: argparse.Namespace) -> None:
             import wandb  # noqa: F401  (optional)
         except ImportError as err:
             raise JgoatError("--wandb needs Weights & Biases: pip install wandb (or drop --wandb)") from err
+    mesh = build_mesh(args)
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = args.batch_size // args.grad_accum
+    if micro % split:
+        each = f"--batch-size {args.batch_size}" if args.grad_accum == 1 else \
+            f"each micro-batch (--batch-size {args.batch_size} / --grad-accum {args.grad_accum} = {micro})"
+        raise JgoatError(f"{each} is not divisible by the data×fsdp = {split} devices it is split over (--mesh "
+                         f"{getattr(args, 'mesh', None) or 'default: data=' + str(mesh.shape['data'])}): use a "
+                         f"multiple of {split}")
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -606,15 +706,20 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
     out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
+    mesh = build_mesh(args)
     tree = attach(task, cfg, name, key, args, out)
     trainable, frozen = jgoat.split(tree)
-    trainable = _as_float32(trainable)
+    # base and adapters placed on the mesh (a checkpoint restores straight onto these shardings, whatever mesh saved)
+    tree = sharding.shard(jgoat.combine(_as_float32(trainable), frozen), mesh)
+    trainable, frozen = jgoat.split(tree)
     steps, per_epoch = total_steps(args, len(task.train))
     tx = jgoat.adamw_cosine(lr, steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay)
     ckpt = out / "checkpoints"
     start, state = 0, None  # None: fit starts from a copy of `trainable` (its step donates the state)
     if args.resume and _checkpoint_steps(ckpt):
-        tree, opt_state, record = restore_intact(ckpt, jgoat.combine(trainable, frozen), tx.init(trainable))
+        state_sh = sharding.state_shardings(tx, trainable, jgoat.split(sharding.shardings(tree, mesh))[0], mesh)
+        template = sharding.create_state(trainable, tx, state_sh).opt_state
+        tree, opt_state, record = restore_intact(ckpt, tree, template)
         start = record["metadata"]["data_position"]
         state = jgoat.TrainState(step=jnp.asarray(start, jnp.int32), trainable=_as_float32(jgoat.split(tree)[0]),
                                  opt_state=opt_state)
@@ -655,7 +760,7 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
             tx=tx, steps=steps, key=key, callbacks=hooks, state=state, grad_accum=args.grad_accum,
             weight_fn=functools.partial(tasks.weight, task.kind), aux_coeff=args.aux_coeff,
             clip_norm=args.clip_norm or None, schedule=cosine_schedule(lr, steps, warmup_ratio=args.warmup_ratio),
-            log_every=args.log_every, nonfinite=args.on_nonfinite)
+            log_every=args.log_every, nonfinite=args.on_nonfinite, mesh=mesh)
     except NonFiniteError as err:
         last = jgoat.latest_step(ckpt)
         raise NonFiniteError(f"[{name}] {err}; last good checkpoint: "
@@ -737,6 +842,7 @@ def train(args: argparse.Namespace, callbacks: Sequence[trainer.Callback] = ()) 
     """`jgoat train` after parsing: validate, load, train the baseline and the method, report."""
     validate(args)
     check_resume(args)
+    print(describe_mesh(build_mesh(args)))
     task = load_task(args)
     cfg = check_method(args, task)
     labels = f", labels {task.label_names}" if task.label_names else ""

@@ -17,8 +17,12 @@ How the loop stays off the host's critical path:
   before any later checkpoint is written, ``nonfinite="skip"`` reports the skipped steps and goes on.
 
 Callbacks run in list order at each hook; put loggers after the callbacks that log (eval) so that their final rows
-are written before the loggers close. All the jitting happens in :func:`make_step` (the place where shardings for a
-device mesh go).
+are written before the loggers close. All the jitting happens in :func:`make_step`.
+
+On a device mesh (``fit(..., mesh=jgoat.mesh(data=2, fsdp=4))``) the frozen base and the train state are placed with
+:mod:`jgoat.sharding`'s rules (adapters and optimizer state follow their base layer), every batch is split over the
+(data, fsdp) axes, and the step is one ``jit`` with explicit in/out shardings and the state donated: the same global
+computation as on one device.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jgoat import sharding
 from jgoat.checkpoint import save
 from jgoat.errors import JgoatError, NonFiniteError
 from jgoat.train import LossFn, TrainState, accumulate_step, train_step
@@ -56,8 +61,16 @@ def make_step(
     grad_accum: int = 1,
     weight_fn: Callable[[Any], jax.Array] | None = None,
     schedule: optax.Schedule | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: TrainState | None = None,
+    frozen_shardings: PyTree = None,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
 ) -> Callable[[TrainState, PyTree, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted step :func:`fit` runs: ``(state, frozen, batch, key) -> (state, metrics)``, state donated.
+
+    With a `mesh` (and the `state_shardings` / `frozen_shardings` of :func:`jgoat.state_shardings` /
+    :func:`jgoat.shardings`) it is :func:`jgoat.sharded_step`: explicit in/out shardings, every batch leaf split
+    over `batch_axes` (each micro-batch too under ``grad_accum``), a batch not divisible by them a ValueError.
 
     The step's dropout rng is ``fold_in(key, state.step)``; with ``grad_accum > 1`` the batch's leading axis is split
     into that many micro-batches (:func:`jgoat.accumulate_step`, weighted by `weight_fn`). A non-finite loss or
@@ -67,6 +80,8 @@ def make_step(
     knobs = dict(loss_fn=loss_fn, tx=tx, aux_coeff=aux_coeff, clip_norm=clip_norm)
     if grad_accum > 1 and weight_fn is None:
         raise JgoatError("grad_accum > 1 needs weight_fn (the units each micro-batch's mean loss averages)")
+    if mesh is not None and state_shardings is None:
+        raise JgoatError("make_step(mesh=...) needs state_shardings (jgoat.state_shardings) and frozen_shardings")
 
     def step(state: TrainState, frozen: PyTree, batch: Any, key: jax.Array):
         rng = jax.random.fold_in(key, state.step)
@@ -74,6 +89,9 @@ def make_step(
             new, metrics = train_step(state, frozen, batch, rng, **knobs)
         else:
             micro = jax.tree.map(lambda v: v.reshape(grad_accum, -1, *v.shape[1:]), batch)
+            if mesh is not None:  # each micro-batch split over the batch axes (not the micro-batches over devices)
+                micro = jax.lax.with_sharding_constraint(
+                    micro, sharding.batch_sharding(mesh, batch_axes=batch_axes, leading=1))
             new, metrics = accumulate_step(state, frozen, micro, rng, weight_fn=weight_fn, **knobs)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(finite, n, o))
@@ -83,7 +101,9 @@ def make_step(
             metrics = {**metrics, "lr": schedule(state.step)}
         return new, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    return sharding.sharded_step(step, mesh, state_shardings, frozen_shardings, batch_axes=batch_axes)
 
 
 class Loop:
@@ -192,6 +212,10 @@ def fit(
     schedule: optax.Schedule | None = None,
     log_every: int = 50,
     nonfinite: str = "stop",
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Sequence[tuple[str, Sequence[str | None]]] = (),
+    logical: Mapping[str, sharding.MeshAxes] | None = None,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
 ) -> FitResult:
     """Train the trainable part of `params` for `steps` optimizer steps.
 
@@ -210,6 +234,9 @@ def fit(
       schedule: the learning-rate schedule, logged as ``lr``.
       log_every: fetch metrics from the device every this many steps.
       nonfinite: "stop" (raise NonFiniteError) or "skip" (warn) on a non-finite loss or gradient norm.
+      mesh: train on this device mesh (:func:`jgoat.mesh`): base, adapters and optimizer state placed by
+        :func:`jgoat.shardings` (with `rules` / `logical`), batches split over `batch_axes`, whose size must divide
+        the batch (and each micro-batch). None: the default device, as before.
 
     Returns:
       FitResult(params, state, history, skipped steps).
@@ -219,10 +246,20 @@ def fit(
     if nonfinite not in NONFINITE:
         raise JgoatError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     trainable, frozen = split(params)
-    if state is None:
-        state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx)  # copied: the step donates its input
-    step_fn = make_step(loss_fn, tx, aux_coeff=aux_coeff, clip_norm=clip_norm, grad_accum=grad_accum,
-                        weight_fn=weight_fn, schedule=schedule)
+    knobs = dict(aux_coeff=aux_coeff, clip_norm=clip_norm, grad_accum=grad_accum, weight_fn=weight_fn,
+                 schedule=schedule)
+    if mesh is None:
+        if state is None:
+            state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx)  # copied: the step donates its input
+        step_fn = make_step(loss_fn, tx, **knobs)
+    else:
+        trainable_sh, frozen_sh = split(sharding.shardings(params, mesh, rules=rules, logical=logical))
+        state_sh = sharding.state_shardings(tx, trainable, trainable_sh, mesh)
+        frozen = jax.device_put(frozen, frozen_sh)
+        # a fresh state is born sharded (its own buffers: donating it leaves `params` intact); a given one is moved
+        state = sharding.create_state(trainable, tx, state_sh) if state is None else jax.device_put(state, state_sh)
+        step_fn = make_step(loss_fn, tx, **knobs, mesh=mesh, state_shardings=state_sh, frozen_shardings=frozen_sh,
+                            batch_axes=batch_axes)
     next_batch = batches if callable(batches) else functools.partial(lambda it, _: next(it), iter(batches))
     loop = Loop(state, frozen, steps, callbacks, nonfinite)
     loop._dispatch("on_train_begin")

@@ -54,6 +54,24 @@ CASES = [  # (extra argv, a piece of the message that names the culprit)
     (["--method", "prompt", "--prompt-init", "text"], "--prompt-init text needs --prompt-init-text"),
     (["--resume"], "--resume: no checkpoint under"),
     (["--config", "missing.json"], "--config missing.json: no such file"),
+    (["--mesh", "data=2"], "--mesh data=2: data×fsdp×tensor×expert = 2×1×1×1 = 2, not the 1 device here"),
+    (["--mesh", "tensor=2"], "--mesh tensor=2: fsdp×tensor×expert = 1×2×1 = 2 does not divide the 1 device here"),
+    (["--mesh", "data=1,pipeline=1"], "--mesh data=1,pipeline=1: unknown axis 'pipeline'"),
+    (["--mesh", "data=one"], "--mesh data=one: data=one is not a positive integer"),
+    (["--mesh", "data=-1"], "--mesh data=-1: data=-1 is not a positive integer"),
+    (["--mesh", "data:1"], "--mesh data:1: 'data:1' is not axis=size"),
+    (["--steps", "5", "--epochs", "2"], "--steps and --epochs both given: give one"),
+    (["--epochs=2", "--steps=5"], "--steps and --epochs both given: give one"),
+    (["--data", "stanfordnlp/imdb"], "--data stanfordnlp/imdb: not a local file or folder, and `jgoat train` does "
+                                     "not download from the Hugging Face Hub"),
+    (["--data", "imdb"], "pass --data DIR"),
+    (["--eval-data", "glue/sst2"], "--eval-data glue/sst2: not a local file or folder"),
+    (["--model", "meta-llama/Llama-2-7b-hf"], "--model meta-llama/Llama-2-7b-hf: not a local folder, and `jgoat "
+                                              "train` does not download from the Hugging Face Hub (it runs offline): "
+                                              "download it first (huggingface-cli download meta-llama/Llama-2-7b-hf "
+                                              "--local-dir DIR) and pass --model DIR"),
+    ("length.yaml", "length.yaml: gives both 'steps' and 'epochs': keep one of them"),
+    ("mesh.json", "--mesh data=4,fsdp=2: data×fsdp×tensor×expert = 4×2×1×1 = 8, not the 1 device here"),
     ("bad.json", 'bad.json:3:12: invalid JSON'),
     ("bad.yaml", "bad.yaml:3:3: invalid YAML"),
     ("list.json", "list.json: a config file holds one mapping"),
@@ -66,6 +84,8 @@ CONFIGS = {
     "list.json": '["--rank", "8"]',
     "unknown.json": json.dumps({"learning_rate": 1e-4}),
     "badvalue.yaml": "batch_size: many\n",
+    "length.yaml": "steps: 10\nepochs: 2\n",
+    "mesh.json": json.dumps({"mesh": {"data": 4, "fsdp": 2}}),
 }
 
 
@@ -110,3 +130,27 @@ def test_wandb_asked_for_but_not_installed(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == \
         "jgoat: error: --wandb needs Weights & Biases: pip install wandb (or drop --wandb)"
     assert not (tmp_path / "o").exists()
+
+
+def test_command_line_run_length_beats_the_config_files(tmp_path):
+    """Explicit command-line flags beat config-file values, and --steps / --epochs are one setting (the run's
+    length): --steps on the command line replaces a file's epochs (and --epochs a file's steps), wherever --config
+    stands; a later config file's length replaces an earlier one's."""
+    parser = cli.build_parser()
+    epochs = tmp_path / "epochs.yaml"
+    epochs.write_text("epochs: 3\nbatch_size: 8\n")
+    steps = tmp_path / "steps.json"
+    steps.write_text(json.dumps({"steps": 5}))
+    n_train = 80  # 10 steps per epoch at batch 8
+    for argv in (["--config", str(epochs), "--steps", "7"], ["--steps=7", "--config", str(epochs)]):
+        args = parser.parse_args(["train", *argv])
+        assert (args.steps, args.epochs, args.batch_size) == (7, None, 8)
+        assert cli.total_steps(args, n_train) == (7, 10)
+    args = parser.parse_args(["train", "--config", str(epochs)])
+    assert cli.total_steps(args, n_train) == (30, 10)  # the file's epochs when the command line gives no length
+    args = parser.parse_args(["train", "--config", str(steps), "--epochs", "2", "--batch-size", "8"])
+    assert cli.total_steps(args, n_train) == (20, 10)
+    args = parser.parse_args(["train", "--config", str(epochs), "--config", str(steps)])
+    assert (args.steps, args.epochs) == (5, None)
+    args = parser.parse_args(["train", "--config", str(steps), "--config", str(epochs)])
+    assert args.epochs == 3 and cli.total_steps(args, n_train) == (30, 10)
