@@ -432,3 +432,29 @@ def adapted_output(adapter: Any, x: jax.Array, y: jax.Array, *, kernel: jax.Arra
     y_TxO, aux = adapter.forward(x_TxI, y.reshape(x_TxI.shape[0], -1), ctx)
     load = expert_load(adapter, x_TxI, ctx.token_mask_T) if collect_load and isinstance(adapter, GoatAdapter) else None
     return y_TxO.reshape(y.shape), aux, load
+
+
+def adapted_output_per_example(chosen: Sequence[Any], choice: tuple[str | None, ...], ids: jax.Array, x: jax.Array,
+                               y: jax.Array, *, kernel: jax.Array, bias: jax.Array | None,
+                               rng: jax.Array | None = None, token_mask: jax.Array | None = None, path: str = "",
+                               collect_load: bool = False) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array]]:
+    """`adapted_output` with one adapter per example: what `apply`'s ``adapter_ids`` run at one module.
+
+    Args:
+      chosen: the module's adapter node for each entry of `choice` (None where it has none, or for the base).
+      choice: the names given as ``adapter=(names...)``; ids: per-example (or per-token) indices into it.
+      The other arguments as in `adapted_output`.
+
+    Returns:
+      (output, summed aux or None, {name: expert load [E]} for each chosen GOAT adapter when collect_load).
+    """
+    for adapter in chosen:
+        if adapter is not None:
+            _check_stacking(adapter, path)
+    x_TxI, lead = _flatten_in(x, _first(chosen).in_features, path)
+    ctx = Context(kernel_IxO=kernel.reshape(x_TxI.shape[1], -1), bias_O=None if bias is None else bias.reshape(-1),
+                  rng=rng, token_mask_T=_mask_for(token_mask, lead, path))
+    y_TxO, aux, loads = _per_example(list(chosen), choice, ids, x_TxI, y.reshape(x_TxI.shape[0], -1), lead, ctx, path)
+    load = {sow[len("load:"):]: expert_load(adapter, x_TxI, mask_T) for sow, (adapter, mask_T) in loads.items()
+            if collect_load and isinstance(adapter, GoatAdapter)}
+    return y_TxO.reshape(y.shape), aux, load

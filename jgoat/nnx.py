@@ -29,8 +29,15 @@ The rest of jgoat works on `params(model)`, the linen-layout tree of the model (
 and `summary` here are those two plus the linen functions; ``export_peft`` / ``export_goat`` take ``params(model)``
 and ``update(model, jgoat.import_peft(jgoat.nnx.params(model), dir))`` imports.
 
+Named adapters (``wrap(..., name=...)``) live at ``.../up/jgoat/<name>/A`` (a `NamedSlots` module holding one
+`AdapterSlot` per name); `apply` runs one (``adapter=name``) or one per example (``adapter=(names...)``,
+``adapter_ids=ids``), and ``trainable(name)`` is the ``wrt`` filter that trains only that one. ``modules_to_save``
+makes every ``nnx.Param`` of those modules a `SavedParam` (an `Adapter`, so ``wrt=jgoat.nnx.Adapter`` trains them
+and `save` stores them) and marks the module with a `SaveMarker`; `merge` turns them back into ``nnx.Param``.
+
 Not on NNX (clear errors): prompt / prefix tuning and bottleneck adapters (they need jgoat's own models' hook
-points), ``modules_to_save`` (put those params in ``wrt``) and named adapters.
+points), and modules of a linen model converted with ``nnx.bridge.ToNNX`` (linen code runs inside; wrap the linen
+params with ``jgoat.wrap`` and run ``jgoat.apply``, or write the model in NNX).
 """
 
 from __future__ import annotations
@@ -39,18 +46,39 @@ import contextvars
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import bridge
 
 from jgoat.adapters import ADAPTER_TYPES, AdapterConfig, GoatAdapter
-from jgoat.apply import adapted_output, einsum_n_in, linear_n_in, register_linear
+from jgoat.apply import (
+    _check_selection,
+    _choice,
+    adapted_output,
+    adapted_output_per_example,
+    einsum_n_in,
+    linear_n_in,
+    register_linear,
+)
 from jgoat.checkpoint import restore as restore_tree
 from jgoat.checkpoint import save as save_tree
-from jgoat.core import ADAPTER_KEY, Layout, is_module, iter_modules, path_str, select_targets, to_dict
+from jgoat.core import (
+    ADAPTER_KEY,
+    Layout,
+    TrainModule,
+    check_name,
+    is_module,
+    iter_modules,
+    map_slots,
+    path_str,
+    select_targets,
+    slot_names,
+    to_dict,
+)
 from jgoat.errors import JgoatError
 from jgoat.quant import NF4Kernel, dequantize
 from jgoat.quant import quantize_nf4 as quantize_tree
@@ -78,10 +106,17 @@ class AdapterAux(nnx.Variable):
     """A per-layer accumulator written by the forward pass: GOAT's aux loss [*L] and expert load [*L, E]."""
 
 
+class SavedParam(Adapter):
+    """A base param of a ``modules_to_save`` module: trained in full (an `Adapter`, so ``wrt=jgoat.nnx.Adapter``
+    trains it) and saved with the adapters."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
     token_mask: jax.Array | None = None
     collect_load: bool = False
+    choice: tuple[str | None, ...] | None = None  # the named adapters this call runs (None: unnamed ones)
+    ids: jax.Array | None = None  # per-example indices into `choice`
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("jgoat_nnx_run", default=None)
@@ -107,8 +142,9 @@ class AdapterSlot(nnx.Module):
     """The adapter of one module, as NNX state: one variable per array field of the adapter node (trainable fields
     `Adapter`, the others `AdapterConst`), its static knobs, and `AdapterAux` accumulators."""
 
-    def __init__(self, adapter, path: str, rngs: nnx.Rngs | None = None):
+    def __init__(self, adapter, path: str, rngs: nnx.Rngs | None = None, name: str | None = None):
         self.path = path
+        self.name = name
         self.kind = type(adapter)
         self.static = _static(adapter)
         self.fields = tuple(_array_fields(adapter))
@@ -136,6 +172,25 @@ class AdapterSlot(nnx.Module):
             getattr(self, name).set_value(getattr(adapter, name))
 
 
+class NamedSlots(nnx.Module):
+    """The named adapters of one module: an `AdapterSlot` attribute per name, and the aux accumulator of the call."""
+
+    def __init__(self, path: str, stack: tuple[int, ...]):
+        self.path = path
+        self.aux = AdapterAux(jnp.zeros(stack, jnp.float32))
+
+    def slots(self) -> dict[str, AdapterSlot]:
+        return {name: slot for name, slot in vars(self).items() if isinstance(slot, AdapterSlot)}
+
+
+class SaveMarker(nnx.Module):
+    """Marks a ``modules_to_save`` module (linen's ``TrainModule``): its params are `SavedParam`."""
+
+
+_JGOAT_NODES = (AdapterSlot, NamedSlots, SaveMarker)
+_RESERVED = frozenset(dir(NamedSlots)) | {"path", "aux"}
+
+
 def _input(args, kwargs):
     return args[0] if args else kwargs["inputs"]
 
@@ -148,12 +203,13 @@ def _hooked(call):
         slot = vars(self).get(ADAPTER_KEY)
         kernel_var = vars(self).get("kernel")
         node = kernel_var.get_raw_value() if isinstance(kernel_var, nnx.Variable) else None
-        if id(self) in _ACTIVE.get() or not (isinstance(slot, AdapterSlot) or isinstance(node, NF4Kernel)):
+        live = isinstance(slot, AdapterSlot | NamedSlots)
+        if id(self) in _ACTIVE.get() or not (live or isinstance(node, NF4Kernel)):
             return call(self, *args, **kwargs)
         token = _ACTIVE.set(_ACTIVE.get() | {id(self)})
         try:
             if isinstance(node, NF4Kernel):  # the module's own __call__ on this call's dequantised kernel
-                path = slot.path if isinstance(slot, AdapterSlot) else type(self).__name__
+                path = slot.path if live else type(self).__name__
                 if node.codes.ndim != 1:
                     raise JgoatError(f"NF4 kernel at '{path}' has {node.codes.ndim - 1} stacked layer axes but the "
                                      "module is not called inside nnx.scan / nnx.vmap over them")
@@ -166,26 +222,51 @@ def _hooked(call):
             else:
                 kernel = node
                 y = call(self, *args, **kwargs)
-            if not isinstance(slot, AdapterSlot):
+            if not live:
                 return y
-            run = _RUN.get() or _Run()
-            adapter = slot.node()
             bias_var = vars(self).get("bias")
             bias = bias_var.get_value() if isinstance(bias_var, nnx.Variable) else None
-            rng = slot.rngs.dropout() if slot.rngs is not None and not slot.deterministic else None
-            y, aux, load = adapted_output(adapter, _input(args, kwargs), y, kernel=kernel, bias=bias, rng=rng,
-                                          token_mask=run.token_mask, path=slot.path,
-                                          collect_load=run.collect_load)
-            if aux is not None:
-                slot.aux.set_value(slot.aux.get_value() + aux)
-            if load is not None:
-                slot.load.set_value(load)
-            return y
+            return _adapt(slot, _RUN.get() or _Run(), _input(args, kwargs), y, kernel, bias)
         finally:
             _ACTIVE.reset(token)
 
     __call__.__jgoat_hook__ = True
     return __call__
+
+
+def _dropout_key(slots: list) -> jax.Array | None:
+    slot = next((s for s in slots if s is not None and s.rngs is not None and not s.deterministic), None)
+    return None if slot is None else slot.rngs.dropout()
+
+
+def _adapt(slot: AdapterSlot | NamedSlots, run: _Run, x, y, kernel, bias):
+    """The module's output `y` plus its adapter (unnamed, or the run's named choice); accumulates aux and load."""
+    kw = {"kernel": kernel, "bias": bias, "token_mask": run.token_mask, "path": slot.path,
+          "collect_load": run.collect_load}
+    if isinstance(slot, AdapterSlot):
+        y, aux, load = adapted_output(slot.node(), x, y, rng=_dropout_key([slot]), **kw)
+        loads = [] if load is None else [(slot, load)]
+    else:
+        if run.choice is None:
+            raise JgoatError(f"module '{slot.path}' holds named adapters {sorted(slot.slots())}: run the model with "
+                             "jgoat.nnx.apply(model, ..., adapter=name), or adapter=(names...) and adapter_ids=ids")
+        subs = [None if n is None else slot.slots().get(n) for n in run.choice]
+        if all(s is None for s in subs):
+            return y
+        rng = _dropout_key(subs)
+        if run.ids is None:
+            sub = next(s for s in subs if s is not None)
+            y, aux, load = adapted_output(sub.node(), x, y, rng=rng, **kw)
+            loads = [] if load is None else [(sub, load)]
+        else:
+            y, aux, by_name = adapted_output_per_example([None if s is None else s.node() for s in subs], run.choice,
+                                                         run.ids, x, y, rng=rng, **kw)
+            loads = [(slot.slots()[n], load) for n, load in by_name.items()]
+    if aux is not None:
+        slot.aux.set_value(slot.aux.get_value() + aux)
+    for sub, load in loads:
+        sub.load.set_value(load)
+    return y
 
 
 def _install(cls: type) -> None:
@@ -202,17 +283,32 @@ for _cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum):
 def _modules(model: nnx.Module) -> dict[tuple[str, ...], nnx.Module]:
     """{path: module} of the model's own modules (adapter slots left out)."""
     return {tuple(str(k) for k in path): module for path, module in nnx.iter_modules(model)
-            if not isinstance(module, AdapterSlot)}
+            if ADAPTER_KEY not in (str(k) for k in path) and not isinstance(module, _JGOAT_NODES)}
 
 
 def _slots(model: nnx.Module) -> list[AdapterSlot]:
+    """Every `AdapterSlot` (unnamed, or one name of a `NamedSlots`)."""
     return [module for _, module in nnx.iter_modules(model) if isinstance(module, AdapterSlot)]
 
 
+def _accumulators(model: nnx.Module) -> list[AdapterSlot | NamedSlots]:
+    return [module for _, module in nnx.iter_modules(model) if isinstance(module, AdapterSlot | NamedSlots)]
+
+
 def _check_model(model) -> None:
+    if isinstance(model, nnx.State):
+        raise TypeError("jgoat.nnx got an nnx.State alone, which does not say which modules are linear (nor where a "
+                        "hook runs): pass the model, or the whole result of nnx.split(model) as a tuple "
+                        "(graphdef, state, ...)")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"jgoat.nnx takes an nnx.Module, got {type(model).__name__}; for a linen params tree use "
                         "jgoat.wrap / jgoat.apply")
+    bridged = next((path for path, m in nnx.iter_modules(model) if isinstance(m, bridge.ToNNX)), None)
+    if bridged is not None:
+        raise JgoatError(f"module '{path_str(tuple(str(k) for k in bridged)) or '(root)'}' is a linen module "
+                         "converted with nnx.bridge.ToNNX: its layers run as linen code, which jgoat.nnx cannot "
+                         "intercept. Wrap its linen params with jgoat.wrap and run jgoat.apply(module.apply), or "
+                         "write the model in NNX (nnx.Linear ...)")
 
 
 def _layer_ndim(module, n_in: int) -> int | None:
@@ -265,6 +361,8 @@ def params(model: nnx.Module) -> dict:
         keys = tuple(str(k) for k in path)
         if isinstance(node, AdapterSlot):
             put(keys, node.node())
+        elif isinstance(node, SaveMarker):
+            put(keys, TrainModule())
         elif isinstance(node, nnx.Param) and ADAPTER_KEY not in keys and keys:
             put(keys, node.get_raw_value())
     return tree
@@ -273,13 +371,15 @@ def params(model: nnx.Module) -> dict:
 def update(model: nnx.Module, tree: PyTree, *, rngs: nnx.Rngs | None = None) -> None:
     """Write a linen-layout tree (as `params` gives, after any jgoat tree function) into `model`, in place.
 
-    Base params whose value changed are set (a merged or NF4-quantised kernel); each module's adapter becomes the
-    tree's: added, replaced (in place when method, knobs and shapes match, so variables keep their identity) or
-    removed. `rngs` (a ``'dropout'`` stream) drives adapter dropout for adapters with dropout > 0.
+    Base params whose value changed are set (a merged or NF4-quantised kernel); each module's adapter (or named
+    adapters) becomes the tree's: added, replaced (in place when method, knobs and shapes match, so variables keep
+    their identity) or removed; the params of modules the tree marks ``modules_to_save`` become `SavedParam`, the
+    others ``nnx.Param``. `rngs` (a ``'dropout'`` stream) drives adapter dropout for adapters with dropout > 0.
     """
     _check_model(model)
     modules = _modules(model)
     tree = to_dict(tree)
+    saved = []
     for path, entry in iter_modules(tree):
         module = modules.get(path)
         if module is None:
@@ -294,7 +394,16 @@ def update(model: nnx.Module, tree: PyTree, *, rngs: nnx.Rngs | None = None) -> 
             if var.get_raw_value() is not value:
                 _check_hookable(module, path, "an NF4 kernel" if isinstance(value, NF4Kernel) else None)
                 var.set_raw_value(value)
-        _update_slot(module, path, entry.get(ADAPTER_KEY), rngs)
+        slot = entry.get(ADAPTER_KEY)
+        if isinstance(slot, TrainModule):
+            saved.append(path)
+        _update_slot(module, path, slot, rngs)
+    for path, module in modules.items():  # modules_to_save: SavedParam exactly under the marked modules
+        train = any(path[: len(p)] == p for p in saved)
+        for name, var in list(vars(module).items()):
+            if isinstance(var, nnx.Param) and isinstance(var, SavedParam) != train:
+                kind = SavedParam if train else nnx.Param
+                setattr(module, name, kind(var.get_raw_value(), **var.get_metadata()))
 
 
 def _check_hookable(module, path, what: str | None) -> None:
@@ -309,118 +418,193 @@ def _check_hookable(module, path, what: str | None) -> None:
 
 def _update_slot(module, path, adapter, rngs) -> None:
     slot = vars(module).get(ADAPTER_KEY)
-    if slot is not None and not isinstance(slot, AdapterSlot):
+    if slot is not None and not isinstance(slot, _JGOAT_NODES):
         raise JgoatError(f"module '{path_str(path)}' has its own attribute {ADAPTER_KEY!r}, where jgoat.nnx keeps "
                          "adapters")
     if adapter is None:
         if slot is not None:
             delattr(module, ADAPTER_KEY)
-        return
-    if isinstance(adapter, Mapping):
-        raise JgoatError(f"module '{path_str(path)}' holds named adapters {sorted(adapter)}: named adapters are not "
-                         "supported on NNX yet; pass jgoat.select_adapter(tree, name)")
+    elif isinstance(adapter, TrainModule):
+        if not isinstance(slot, SaveMarker):
+            setattr(module, ADAPTER_KEY, SaveMarker())
+    elif isinstance(adapter, Mapping):
+        named = slot if isinstance(slot, NamedSlots) else None
+        if named is None:
+            named = NamedSlots(path_str(path), _stack_shape(next(iter(adapter.values()))))
+        current = named.slots()
+        for name in current:
+            if name not in adapter:
+                delattr(named, name)
+        for name, node in adapter.items():
+            if name in _RESERVED:
+                raise JgoatError(f"adapter name {name!r} is reserved on NNX (an attribute of jgoat.nnx.NamedSlots); "
+                                 "choose another name")
+            new = _slot_for(module, path, node, current.get(name), rngs, name)
+            if new is not current.get(name):
+                setattr(named, name, new)
+        if named is not slot:
+            setattr(module, ADAPTER_KEY, named)
+    else:
+        new = _slot_for(module, path, adapter, slot if isinstance(slot, AdapterSlot) else None, rngs, None)
+        if new is not slot:
+            setattr(module, ADAPTER_KEY, new)
+
+
+def _slot_for(module, path, adapter, slot: AdapterSlot | None, rngs, name: str | None) -> AdapterSlot:
+    """`slot` holding `adapter` (assigned in place when it matches), or a new `AdapterSlot`."""
+    where = f"'{path_str(path)}'" + ("" if name is None else f" (adapter {name!r})")
     if not isinstance(adapter, ADAPTER_TYPES):
-        raise JgoatError(f"module '{path_str(path)}' is marked modules_to_save: on NNX select its params in "
-                         "nnx.Optimizer's wrt instead, e.g. wrt=nnx.Any(jgoat.nnx.Adapter, nnx.PathContains(name))")
+        raise JgoatError(f"module {where} holds a {type(adapter).__name__}, not a jgoat adapter node")
     _check_hookable(module, path, "an adapter")
     if slot is not None and slot.matches(adapter) and (rngs is None or slot.rngs is rngs):
         slot.assign(adapter)
-        return
+        return slot
     if adapter.dropout > 0 and rngs is None and (slot is None or slot.rngs is None):
-        raise JgoatError(f"the adapter at '{path_str(path)}' has dropout {adapter.dropout}: pass "
+        raise JgoatError(f"the adapter at {where} has dropout {adapter.dropout}: pass "
                          "rngs=nnx.Rngs(dropout=key) (model.eval() then turns dropout off)")
-    setattr(module, ADAPTER_KEY, AdapterSlot(adapter, path_str(path), rngs if rngs is not None else slot.rngs
-                                             if slot is not None else None))
+    return AdapterSlot(adapter, path_str(path), rngs if rngs is not None else slot.rngs if slot is not None else None,
+                       name)
 
 
-def wrap(model: nnx.Module, cfg: AdapterConfig, *, key: jax.Array, rngs: nnx.Rngs | None = None) -> nnx.Module:
+def wrap(model, cfg: AdapterConfig, *, key: jax.Array, rngs: nnx.Rngs | None = None, name: str | None = None):
     """Add an adapter to every linear module of an NNX model that `cfg` targets, in place; returns `model`.
 
     Same configs, target rules (over the NNX module paths, e.g. ``layers/0/attn/q_proj``) and errors as
     ``jgoat.wrap``, and the same adapter arrays: an NNX model and a linen model with the same module paths and
     weights get equal adapters from the same key. Stacked layers (built with ``nnx.vmap``) get stacked adapters.
+    ``cfg.modules_to_save`` makes those modules' params `SavedParam` (trained with the adapters).
 
     Args:
-      model: an ``nnx.Module`` without jgoat adapters (it may hold NF4 kernels from `quantize_nf4`).
+      model: an ``nnx.Module`` without jgoat adapters (it may hold NF4 kernels from `quantize_nf4`), or the tuple
+        ``nnx.split(model)`` returns, ``(graphdef, state, ...)``: then the wrapped ``(graphdef, state)`` is returned.
       cfg: a linear-adapter config (``GoatConfig``, ``LoraConfig`` incl. DoRA / PiSSA, ``IA3Config``, ...).
       key: PRNG key of the random parts of the init.
       rngs: an ``nnx.Rngs`` with a ``'dropout'`` stream, needed when ``cfg.dropout > 0``.
+      name: add a named adapter beside the model's other named adapters (as ``jgoat.wrap(..., name=...)``); run
+        it with ``apply(model, ..., adapter=name)``, train it with ``wrt=jgoat.nnx.trainable(name)``.
 
     Example:
       >>> jgoat.nnx.wrap(model, jgoat.LoraConfig(rank=8, targets=["q_proj", "v_proj"]), key=jax.random.key(0))
+      >>> graphdef, state = jgoat.nnx.wrap(nnx.split(model), cfg, key=key)
     """
+    if isinstance(model, tuple) and model and isinstance(model[0], nnx.GraphDef):
+        merged = nnx.merge(*model)
+        return nnx.split(wrap(merged, cfg, key=key, rngs=rngs, name=name))
     _check_model(model)
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"jgoat.nnx.wrap adds linear adapters (LoraConfig, GoatConfig, ...), got "
                         f"{type(cfg).__name__}: prompt/prefix tuning and bottleneck adapters change the model graph "
                         "and need the hook points of jgoat's own (linen) models (jgoat.models)")
-    if cfg.modules_to_save:
-        raise JgoatError(f"modules_to_save={cfg.modules_to_save!r}: on NNX, train those params by selecting them in "
-                         "nnx.Optimizer's wrt, e.g. wrt=nnx.Any(jgoat.nnx.Adapter, nnx.PathContains('classifier'))")
     existing = _slots(model)
-    if existing:
+    if existing and name is None:
         raise JgoatError(f"the model already holds jgoat adapters (e.g. at '{existing[0].path}'): wrap a model "
-                         "once (jgoat.nnx.merge(model) gives a plain model back)")
+                         "once (jgoat.nnx.merge(model) gives a plain model back), or give each adapter a name=...")
     tree = params(model)
     found = layouts(model)
     modules = _modules(model)
-    for path in select_targets(tree, cfg, found):
+    for path in select_targets(map_slots(tree, lambda slot: None), cfg, found):
         if path_str(path) not in found:
             module = modules[path]
             raise JgoatError(f"module '{path_str(path)}' is a {type(module).__qualname__}, which jgoat cannot "
                              "intercept: if its __call__(x) returns x·kernel (+ bias), register it with "
                              "jgoat.register_linear(cls, n_in=...); otherwise exclude it from the targets")
-    update(model, wrap_tree(tree, cfg, key=key, layouts=found), rngs=rngs)
+    update(model, wrap_tree(tree, cfg, key=key, layouts=found, name=name), rngs=rngs)
     return model
 
 
 def apply(model: nnx.Module, *args, method: str | None = None, aux_mask: jax.Array | None = None,
-          collect_load: bool = False, **kwargs) -> tuple[Any, ...]:
+          collect_load: bool = False, adapter: str | Sequence[str | None] | None = None,
+          adapter_ids: jax.Array | None = None, **kwargs) -> tuple[Any, ...]:
     """Call the model (``model(*args, **kwargs)``, or ``getattr(model, method)``) and return ``(output, aux)``.
 
     ``aux`` is GOAT's auxiliary load-balancing loss summed over every GOAT layer and call (0.0 without GOAT), read
     from the layers' `AdapterAux` accumulators, which are zeroed before and after the call: the model's ``__call__``
     never threads it. Works under ``nnx.jit`` / ``nnx.grad`` and with layers run by ``nnx.scan`` / ``nnx.vmap`` /
-    ``nnx.remat`` inside the model. A plain ``model(x)`` runs the adapters too (the accumulators then keep the aux).
+    ``nnx.remat`` inside the model. A plain ``model(x)`` runs unnamed adapters too (the accumulators then keep the
+    aux).
 
     Args:
       aux_mask: optional {0,1} array over the token dims of the linear inputs ([batch, seq]): padding is left out
         of the aux loss, as in ``jgoat.apply``.
-      collect_load: also return {module path: expert load [*L, E]} for every GOAT layer (last call's).
+      collect_load: also return {module path: expert load [*L, E]} for every GOAT layer (last call's); keys
+        ``path:name`` with per-example selection, as in ``jgoat.apply``.
+      adapter, adapter_ids: for named adapters, as in ``jgoat.apply``: ``adapter="a"`` runs that one,
+        ``adapter=("a", "b", None)`` with ``adapter_ids`` (ints indexing it, [batch] or [batch, seq]) runs one per
+        example (None: the base model). Required when the model holds named adapters.
     """
-    slots = _slots(model)
-    for slot in slots:
-        _zero(slot)
-    token = _RUN.set(_Run(aux_mask, collect_load))
+    choice = _choice(adapter)
+    ids = _check_selection(params(model), adapter, choice, adapter_ids)
+    accumulators = _accumulators(model)
+    for acc in accumulators:
+        _zero(acc)
+    token = _RUN.set(_Run(aux_mask, collect_load, choice, ids))
     try:
         out = (model if method is None else getattr(model, method))(*args, **kwargs)
     finally:
         _RUN.reset(token)
-    aux = sum((jnp.sum(slot.aux.get_value()) for slot in slots), jnp.zeros((), jnp.float32))
-    loads = {slot.path: slot.load.get_value() for slot in slots if hasattr(slot, "load")}
-    for slot in slots:
-        _zero(slot)
+    aux = sum((jnp.sum(acc.aux.get_value()) for acc in accumulators), jnp.zeros((), jnp.float32))
+    loads = {}
+    for slot in _slots(model):
+        if hasattr(slot, "load") and (choice is None or slot.name in choice):
+            loads[slot.path if ids is None else f"{slot.path}:{slot.name}"] = slot.load.get_value()
+    for acc in accumulators:
+        _zero(acc)
     return (out, aux, loads) if collect_load else (out, aux)
 
 
-def _zero(slot: AdapterSlot) -> None:
-    slot.aux.set_value(jnp.zeros_like(slot.aux.get_value()))
-    if hasattr(slot, "load"):
-        slot.load.set_value(jnp.zeros_like(slot.load.get_value()))
+def _zero(acc: AdapterSlot | NamedSlots) -> None:
+    acc.aux.set_value(jnp.zeros_like(acc.aux.get_value()))
+    if hasattr(acc, "load"):
+        acc.load.set_value(jnp.zeros_like(acc.load.get_value()))
 
 
-def merge(model: nnx.Module) -> nnx.Module:
-    """A new model with every mergeable adapter folded into its kernel (``jgoat.merge``) and no adapters; `model`
-    is left as it is. GOAT raises (its routing depends on the input)."""
+def trainable(adapter: str | None = None) -> nnx.filterlib.Filter:
+    """The NNX filter of what trains (linen's `jgoat.trainable_mask`): for ``wrt=`` of ``nnx.Optimizer``,
+    ``nnx.DiffState`` and ``nnx.split`` / ``nnx.state``.
+
+    Without `adapter`: every `Adapter` (unnamed adapters and ``modules_to_save`` params, `SavedParam`). With
+    ``adapter=name``: only that named adapter's arrays (other names, the base and modules_to_save stay frozen).
+    """
+    if adapter is None:
+        return Adapter
+
+    def of_adapter(path, value) -> bool:
+        return (isinstance(value, Adapter) and not isinstance(value, SavedParam) and len(path) >= 3
+                and str(path[-3]) == ADAPTER_KEY and str(path[-2]) == adapter)
+
+    return of_adapter
+
+
+def split(model: nnx.Module, *, adapter: str | None = None) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, trainable, frozen)``: ``nnx.split`` by `trainable` (``adapter=name`` is required for a model
+    holding named adapters, as ``jgoat.split``). `combine` is the inverse."""
+    names = slot_names(params(model))
+    if adapter is None and names:
+        raise JgoatError(f"the model holds named adapters {names}: choose the one to train with adapter=...")
+    if adapter is not None:
+        check_name(adapter, names)
+    return nnx.split(model, trainable(adapter), ...)
+
+
+def combine(graphdef: nnx.GraphDef, trainable_state: nnx.State, frozen: nnx.State) -> nnx.Module:
+    """The model `split` took apart (``nnx.merge``)."""
+    return nnx.merge(graphdef, trainable_state, frozen)
+
+
+def merge(model: nnx.Module, *, adapter: str | None = None) -> nnx.Module:
+    """A new model with every mergeable adapter (the named `adapter`, for named adapters) folded into its kernel
+    (``jgoat.merge``), no adapters and plain ``nnx.Param``; `model` is left as it is. GOAT raises (its routing
+    depends on the input)."""
     merged = nnx.clone(model)
-    update(merged, merge_tree(params(model), layouts=layouts(model)))
+    update(merged, merge_tree(params(model), layouts=layouts(model), adapter=adapter))
     return merged
 
 
-def unmerge(merged: nnx.Module, wrapped: nnx.Module) -> nnx.Module:
-    """A new model: `merged`'s kernels minus the adapters of `wrapped` (``jgoat.unmerge``), with those adapters."""
+def unmerge(merged: nnx.Module, wrapped: nnx.Module, *, adapter: str | None = None) -> nnx.Module:
+    """A new model: `merged`'s kernels minus the adapters of `wrapped` (its named `adapter`, if named;
+    ``jgoat.unmerge``), holding those adapters unnamed."""
     out = nnx.clone(merged)
-    update(out, unmerge_tree(params(merged), params(wrapped), layouts=layouts(wrapped)))
+    update(out, unmerge_tree(params(merged), params(wrapped), layouts=layouts(wrapped), adapter=adapter))
     return out
 
 

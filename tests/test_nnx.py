@@ -518,13 +518,9 @@ def test_bad_input_errors():
         jn.wrap(Custom(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["mine"]), key=jax.random.key(2))
     with pytest.raises(TypeError, match="need the hook points of jgoat's own"):
         jn.wrap(NnxMLP(nnx.Rngs(0)), jgoat.PromptTuningConfig(num_virtual_tokens=2), key=jax.random.key(2))
-    with pytest.raises(ValueError, match="modules_to_save"):
-        jn.wrap(NnxMLP(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["up"], modules_to_save=["down"]),
+    with pytest.raises(ValueError, match="modules_to_save rule 'head' matches no module"):
+        jn.wrap(NnxMLP(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["up"], modules_to_save=["head"]),
                 key=jax.random.key(2))
-    fresh = NnxMLP(nnx.Rngs(0))
-    named = jgoat.wrap(jn.params(fresh), CONFIGS["lora"], key=jax.random.key(2), name="task")
-    with pytest.raises(ValueError, match="module 'down' holds named adapters \\['task'\\]: named adapters are not"):
-        jn.update(fresh, named)
     with pytest.raises(TypeError, match="takes an nnx.Module"):
         jn.wrap({"up": {"kernel": jnp.ones((2, 2))}}, CONFIGS["lora"], key=jax.random.key(2))
 
@@ -581,3 +577,229 @@ def test_peft_export_import_round_trip(tmp_path):
     assert isinstance(fresh.up.jgoat, jn.AdapterSlot)
     np.testing.assert_array_equal(fresh(x), model(x))
     _assert_close(nnx.state(fresh, jn.Adapter), nnx.state(model, jn.Adapter))
+
+
+NAMED = {"a": jgoat.LoraConfig(rank=4, alpha=8.0, targets=["up", "down"]),
+         "b": jgoat.LoraConfig(rank=4, alpha=8.0, init="gaussian", targets=["up"]),
+         "g": jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets=["down"])}
+
+
+def _named_twin(x):
+    """(linen tree, NNX model) holding the same three named adapters (B moved off zero) on the same base."""
+    params, model = _twin(LinenMLP(), NnxMLP, x)
+    tree = params
+    for i, (name, cfg) in enumerate(NAMED.items()):
+        tree = jgoat.wrap(tree, cfg, key=jax.random.key(10 + i), name=name)
+        jn.wrap(model, cfg, key=jax.random.key(10 + i), name=name)
+    _assert_close(jn.params(model), tree)  # the same arrays at the same paths: up/jgoat/a/A ...
+    def move_b(node):
+        if isinstance(node, jgoat.LoraAdapter | jgoat.GoatAdapter):
+            return node.replace(B=node.B + 0.3 * jax.random.normal(jax.random.key(node.B.size), node.B.shape))
+        return node
+
+    tree = jax.tree.map(move_b, tree, is_leaf=lambda n: isinstance(n, jgoat.LoraAdapter | jgoat.GoatAdapter))
+    jn.update(model, tree)
+    return tree, model
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_named_adapters_equal_linen(jit):
+    """One named adapter per call, and one per example (adapter_ids; the LoRA pair at 'up' is gathered, GOAT at
+    'down' selected), against jgoat.apply on the same tree: outputs, aux, expert loads and the gradients of the
+    adapter trained by trainable(name) (linen: split(tree, adapter=name))."""
+    x = _x((4, 5, 16))
+    tree, model = _named_twin(x)
+    assert jgoat.adapter_names(jn.params(model)) == ("a", "b", "g")
+    assert sorted(model.up.jgoat.slots()) == ["a", "b"] and sorted(model.down.jgoat.slots()) == ["a", "g"]
+    maybe_jit = nnx.jit if jit else (lambda f: f)
+    for name in NAMED:
+        got = maybe_jit(lambda m, x, n=name: jn.apply(m, x, adapter=n))(model, x)
+        want = jgoat.apply(LinenMLP().apply, adapter=name)({"params": tree}, x)
+        _assert_close(got, want)
+    choice, ids = ("g", None, "a", "b"), jnp.array([2, 0, 3, 1])
+    out, aux, load = maybe_jit(lambda m, x, i: jn.apply(m, x, adapter=choice, adapter_ids=i, collect_load=True))(
+        model, x, ids)
+    want_out, want_aux, want_load = jgoat.apply(LinenMLP().apply, adapter=choice, collect_load=True)(
+        {"params": tree}, x, adapter_ids=ids)
+    assert sorted(load) == sorted(want_load) == ["down:g"]
+    _assert_close((out, aux, load), (want_out, want_aux, want_load))
+    assert float(aux) > 0.0
+    for name in ("a", "g"):
+        def nnx_loss(m, n=name):
+            out, aux = jn.apply(m, x, adapter=n)
+            return jnp.mean(out**2) + 0.1 * aux
+
+        grads = maybe_jit(lambda m, n=name: nnx.grad(nnx_loss, argnums=nnx.DiffState(0, jn.trainable(n)))(m))(model)
+        trainable, frozen = jgoat.split(tree, adapter=name)
+
+        def linen_loss(t, n=name, frozen=frozen):
+            out, aux = jgoat.apply(LinenMLP().apply, adapter=n)({"params": jgoat.combine(t, frozen)}, x)
+            return jnp.mean(out**2) + 0.1 * aux
+
+        _assert_close(grads, jax.grad(linen_loss)(trainable))
+
+
+def test_named_adapter_training_and_errors():
+    x, y = _x(), _x((2, 5, 8), seed=3)
+    tree, model = _named_twin(x)
+    base = {k: np.asarray(v) for k, v in _flat(nnx.state(model, nnx.Param)).items() if "/jgoat/" not in k}
+    other = {k: np.asarray(v) for k, v in _flat(nnx.state(model, jn.Adapter)).items() if "/jgoat/a/" not in k}
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=jn.trainable("a"))
+    assert len(jax.tree.leaves(optimizer.opt_state[0].mu)) == 4  # A, B of up and down: "a" only
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            return jnp.mean((jn.apply(model, x, adapter="a")[0] - y) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, jn.trainable("a")))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(8)]
+    assert losses[-1] < losses[0]
+    now = _flat(nnx.state(model, nnx.Param))
+    for k, v in {**base, **other}.items():
+        np.testing.assert_array_equal(now[k], v)  # the base and the other named adapters: bit-identical
+    graphdef, train, frozen = jn.split(model, adapter="g")
+    assert sorted(_flat(train)) == ["down/jgoat/g/A", "down/jgoat/g/B", "down/jgoat/g/router"]
+    _assert_close(jn.apply(jn.combine(graphdef, train, frozen), x, adapter="g"), jn.apply(model, x, adapter="g"))
+    merged = jn.merge(model, adapter="a")  # the trained "a" folded in: the plain model gives a's output
+    _assert_close(merged(x), jn.apply(model, x, adapter="a")[0])
+    jn.update(model, jgoat.delete_adapter(jn.params(model), "b"))
+    assert sorted(model.up.jgoat.slots()) == ["a"]
+    with pytest.raises(ValueError, match="module 'up' holds named adapters \\['a'\\]: run the model with"):
+        model(x)
+    with pytest.raises(ValueError, match="params hold named adapters \\('a', 'g'\\): run one with"):
+        jn.apply(model, x)
+    with pytest.raises(ValueError, match="unknown adapter 'zz'"):
+        jn.apply(model, x, adapter="zz")
+    with pytest.raises(ValueError, match="choose the one to train with adapter="):
+        jn.split(model)
+    with pytest.raises(ValueError, match="an adapter named 'a' already exists"):
+        jn.wrap(model, NAMED["a"], key=jax.random.key(0), name="a")
+    with pytest.raises(ValueError, match="named and unnamed adapters do not mix"):
+        jn.wrap(jn.wrap(NnxMLP(nnx.Rngs(0)), NAMED["a"], key=jax.random.key(0)), NAMED["b"], key=jax.random.key(0),
+                name="b")
+    with pytest.raises(ValueError, match="adapter name 'aux' is reserved on NNX"):
+        jn.wrap(NnxMLP(nnx.Rngs(0)), NAMED["a"], key=jax.random.key(0), name="aux")
+
+
+def test_named_adapters_save_restore_and_peft_export(tmp_path):
+    x = _x()
+    tree, model = _named_twin(x)
+    jn.save(tmp_path / "ckpt", model, step=3)
+    fresh = _twin(LinenMLP(), NnxMLP, x)[1]
+    for i, (name, cfg) in enumerate(NAMED.items()):
+        jn.wrap(fresh, cfg, key=jax.random.key(50 + i), name=name)
+    jn.restore(tmp_path / "ckpt", fresh)
+    _assert_close(nnx.state(fresh, jn.Adapter), nnx.state(model, jn.Adapter))
+    jgoat.export_peft(jgoat.select_adapter(jn.params(model), "a"), NAMED["a"], tmp_path / "peft")
+    plain = _twin(LinenMLP(), NnxMLP, x)[1]
+    jn.update(plain, jgoat.add_adapter(jn.params(plain), jgoat.import_peft(jn.params(plain), tmp_path / "peft"),
+                                       name="a"))
+    np.testing.assert_array_equal(jn.apply(plain, x, adapter="a")[0], jn.apply(model, x, adapter="a")[0])
+
+
+def test_modules_to_save_equals_linen(tmp_path):
+    """modules_to_save=['down']: its params become SavedParam (trained by wrt=Adapter, saved, merged back to Param);
+    gradients equal linen's over split(tree) (adapter leaves and down's kernel and bias)."""
+    x = _x()
+    cfg = jgoat.LoraConfig(rank=4, targets=["up"], modules_to_save=["down"])
+    params, model = _twin(LinenMLP(), NnxMLP, x)
+    wrapped = _nonzero_b(jgoat.wrap(params, cfg, key=jax.random.key(2)))
+    jn.wrap(model, cfg, key=jax.random.key(2))
+    assert isinstance(model.down.kernel, jn.SavedParam) and isinstance(model.down.jgoat, jn.SaveMarker)
+    assert type(model.up.kernel) is nnx.Param
+    _assert_close(jn.params(model), jax.tree.map(lambda v: v, jgoat.wrap(params, cfg, key=jax.random.key(2))))
+    jn.update(model, wrapped)
+    out, aux, grads = _nnx_run(model, x, jit=True)
+    want_out, want_aux, want_grads = _linen_run(LinenMLP().apply, wrapped, x)
+    _assert_close(out, want_out)
+    _assert_close(grads, want_grads)
+    assert sorted(_flat(grads)) == ["down/bias", "down/kernel", "up/jgoat/A", "up/jgoat/B"]
+    assert jn.summary(model) == jgoat.summary(wrapped)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=jn.Adapter)
+    assert len(jax.tree.leaves(optimizer.opt_state[0].mu)) == 4
+    optimizer.update(model, grads)
+    jn.save(tmp_path, model, step=1, optimizer=optimizer)
+    fresh = jn.wrap(_twin(LinenMLP(), NnxMLP, x)[1], cfg, key=jax.random.key(9))
+    fresh_opt = nnx.Optimizer(fresh, optax.adam(1e-2), wrt=jn.Adapter)
+    jn.restore(tmp_path, fresh, optimizer=fresh_opt)
+    _assert_close(nnx.state(fresh, jn.Adapter), nnx.state(model, jn.Adapter))  # down's trained params too
+    _assert_close(nnx.state(fresh_opt, nnx.OptState), nnx.state(optimizer, nnx.OptState))
+    merged = jn.merge(model)
+    assert type(merged.down.kernel) is nnx.Param and not hasattr(merged.down, "jgoat")
+    _assert_close(merged(x), model(x))
+
+
+def test_wrap_split_graphdef_and_state():
+    """jgoat.nnx.wrap on nnx.split's (graphdef, state) gives the (graphdef, state) of the wrapped model; a bare
+    nnx.State is refused (it does not say which modules are linear)."""
+    x = _x()
+    graphdef, state = nnx.split(NnxMLP(nnx.Rngs(0)))
+    graphdef2, state2 = jn.wrap((graphdef, state), CONFIGS["goat"], key=jax.random.key(2))
+    reference = jn.wrap(NnxMLP(nnx.Rngs(0)), CONFIGS["goat"], key=jax.random.key(2))
+    _assert_close(jn.params(nnx.merge(graphdef2, state2)), jn.params(reference))
+    _assert_close(jn.apply(nnx.merge(graphdef2, state2), x), jn.apply(reference, x))
+    graphdef3, *states = jn.wrap(nnx.split(NnxMLP(nnx.Rngs(0)), nnx.Param, ...), CONFIGS["lora"],
+                                 key=jax.random.key(2))
+    assert sorted(_flat(nnx.state(nnx.merge(graphdef3, *states), jn.Adapter))) == [
+        "down/jgoat/A", "down/jgoat/B", "up/jgoat/A", "up/jgoat/B"]
+    with pytest.raises(TypeError, match="an nnx.State alone"):
+        jn.wrap(state, CONFIGS["lora"], key=jax.random.key(2))
+
+
+def test_split_combine_match_trainable_mask():
+    """jgoat.nnx.split's trainable state holds exactly the leaves jgoat.trainable_mask marks on params(model)."""
+    x = _x()
+    cfg = jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets=["up"], modules_to_save=["down"])
+    model = jn.wrap(NnxMLP(nnx.Rngs(0)), cfg, key=jax.random.key(2))
+    graphdef, train, frozen = jn.split(model)
+    mask = _flat(jgoat.trainable_mask(jn.params(model)))
+    assert sorted(_flat(train)) == sorted(k for k, m in mask.items() if m)
+    _assert_close(jn.apply(jn.combine(graphdef, train, frozen), x), jn.apply(model, x))
+
+
+def test_goat_export_import_round_trip(tmp_path):
+    x = _x()
+    cfg = CONFIGS["goat"]
+    model = jn.wrap(NnxMLP(nnx.Rngs(0)), cfg, key=jax.random.key(2))
+    jn.update(model, _nonzero_b(jn.params(model)))
+    jgoat.export_goat(jn.params(model), cfg, tmp_path)
+    fresh = NnxMLP(nnx.Rngs(0))
+    tree, got_cfg = jgoat.import_goat(jn.params(fresh), tmp_path)
+    jn.update(fresh, tree)
+    assert got_cfg == cfg
+    _assert_close(nnx.state(fresh, jn.Adapter), nnx.state(model, jn.Adapter))
+    np.testing.assert_array_equal(jn.apply(fresh, x)[0], jn.apply(model, x)[0])
+
+
+def test_bridge_model_error_and_linen_path():
+    """A linen model converted with nnx.bridge.ToNNX runs its layers as linen code, which the NNX hooks never see:
+    jgoat.nnx refuses it naming the module, and the documented alternative — jgoat.wrap / jgoat.apply on the
+    bridge's own linen params — gives the outputs and adapter gradients of the NNX path on an NNX model holding the
+    same weights (RTOL)."""
+    x = _x()
+    bridged = nnx.bridge.ToNNX(LinenMLP(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(bridged, x)
+    with pytest.raises(ValueError, match="module '\\(root\\)' is a linen module converted with nnx.bridge.ToNNX"):
+        jn.wrap(bridged, CONFIGS["goat"], key=jax.random.key(2))
+
+    class Holder(nnx.Module):
+        def __init__(self):
+            self.inner = bridged
+
+    with pytest.raises(ValueError, match="module 'inner' is a linen module converted"):
+        jn.wrap(Holder(), CONFIGS["goat"], key=jax.random.key(2))
+    params = nnx.state(bridged, nnx.Param).to_pure_dict()
+    np.testing.assert_array_equal(LinenMLP().apply({"params": params}, x), bridged(x))  # the bridge's weights
+    wrapped = _nonzero_b(jgoat.wrap(params, CONFIGS["goat"], key=jax.random.key(2)))
+    twin = NnxMLP(nnx.Rngs(5))
+    jn.wrap(twin, CONFIGS["goat"], key=jax.random.key(2))
+    jn.update(twin, wrapped)
+    out, aux, grads = _nnx_run(twin, x, jit=True)
+    want_out, want_aux, want_grads = _linen_run(LinenMLP().apply, wrapped, x)
+    _assert_close(out, want_out)
+    _assert_close(aux, want_aux)
+    _assert_close(grads, want_grads)
