@@ -5,6 +5,9 @@
 #   bash scripts/setup.sh --latest   .venv-latest, every package at its newest release (torch excepted, see below),
 #                                    then a table of the packages whose version differs from the lock;
 #                                    python3 scripts/check_latest.py runs the tests there and names the upgrade that breaks each
+#   bash scripts/setup.sh --tunix    .venv-tunix, google-tunix 0.1.7 + qwix 0.1.8 at requirements/lock-tunix.txt (tunix needs
+#                                    safetensors<0.8: its own env), jgoat with --no-deps; then
+#                                    .venv-tunix/bin/python -m pytest tests/test_tunix.py
 #
 # Idempotent: a second run only checks. Needs Python >= 3.11 and the package index; nothing else is downloaded.
 set -euo pipefail
@@ -12,13 +15,16 @@ cd "$(dirname "$0")/.."
 LOCK=requirements/lock.txt
 VENV=.venv
 LATEST=0
+TUNIX=0
 for arg in "$@"; do
   case "$arg" in
     --latest) LATEST=1; VENV=.venv-latest ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown argument '$arg' (use --latest or nothing)" >&2; exit 2 ;;
+    --tunix) TUNIX=1; VENV=.venv-tunix ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$arg' (use --latest, --tunix or nothing)" >&2; exit 2 ;;
   esac
 done
+if [ "$LATEST" = 1 ] && [ "$TUNIX" = 1 ]; then echo "setup.sh: --latest and --tunix are separate environments" >&2; exit 2; fi
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
@@ -29,6 +35,12 @@ quiet() {
   grep -v "^WARNING: Location" "$log" || true; rm -f "$log"
 }
 quiet "${PIP[@]}" install --upgrade pip
+if [ "$TUNIX" = 1 ]; then  # the separate tunix env: exactly its lock (a complete freeze), then jgoat without deps
+  quiet "${PIP[@]}" install --no-deps -r requirements/lock-tunix.txt
+  quiet "${PIP[@]}" install --no-deps -e .
+  "$VENV/bin/python" -c "import jax, flax, tunix, qwix, safetensors, jgoat.nnx; from importlib.metadata import version as v; print('jgoat', jgoat.__version__, '| jax', jax.__version__, '| flax', flax.__version__, '| google-tunix', v('google-tunix'), '| qwix', v('qwix'), '| safetensors', safetensors.__version__)"
+  exit 0
+fi
 
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
