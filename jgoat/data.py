@@ -11,10 +11,15 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
+import hashlib
+import heapq
 import importlib.util
 import json
+import os
 import pathlib
 import warnings
+import zipfile
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -452,35 +457,60 @@ def chat_segments(tokenizer, messages) -> list[tuple[str, bool]]:
     return [(t, trained) for t, trained in pieces if t]
 
 
-def tokenize_sft(tokenizer, *, prompt: str | None = None, response: str | None = None,
-                 messages=None, use_chat_template: bool = True) -> SftExample:
-    """Token ids and labels of one example; labels are the ids on response (assistant) tokens, IGNORE_INDEX else.
+def tokenize_sft_batch(tokenizer, *, prompts: Sequence[str] | None = None, responses: Sequence[str] | None = None,
+                       chats: Sequence | None = None, use_chat_template: bool = True) -> list[SftExample]:
+    """Token ids and labels of many examples, the tokenizer called on lists (its batched, Rust-parallel path) rather
+    than example by example; labels are the ids on response (assistant) tokens, IGNORE_INDEX else.
 
     With a chat template (``tokenizer.chat_template``), a prompt/response pair is the conversation
-    [user: prompt, assistant: response]; each piece of the rendered text is tokenised on its own (no special tokens
-    added: the template writes them), so the prompt/response boundary is exact. Without a template (or
-    `use_chat_template` False): ids = tokenizer(prompt) (with its special tokens, e.g. BOS) + tokenizer(response)
-    + EOS; `messages` then need a template.
+    [user: prompt, assistant: response]; each piece of the rendered text (:func:`chat_segments`) is tokenised on its
+    own (no special tokens added: the template writes them), so the prompt/response boundary is exact. Without a
+    template (or `use_chat_template` False): ids = tokenizer(prompt) (with its special tokens, e.g. BOS) +
+    tokenizer(response) + EOS; `chats` then need a template.
     """
-    if messages is None:
-        if prompt is None or response is None:
+    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    if chats is None:
+        if prompts is None or responses is None:
             raise ValueError("an SFT example needs prompt and response, or messages")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        plain = (tokenizer(prompt)["input_ids"], tokenizer(response, add_special_tokens=False)["input_ids"]
-                 + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
-    else:
-        plain = None
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        ids, labels = [], []
-        for text, trained in chat_segments(tokenizer, messages):
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not templated:
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            prompt_ids = _encode(tokenizer, list(prompts), add_special_tokens=True)
+            response_ids = [r + eos for r in _encode(tokenizer, list(responses), add_special_tokens=False)]
+            return [SftExample(tuple(p + r), (IGNORE_INDEX,) * len(p) + tuple(r))
+                    for p, r in zip(prompt_ids, response_ids, strict=True)]
+        chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                 for p, r in zip(prompts, responses, strict=True)]
+    elif not templated:
+        raise ValueError("chat `messages` need a tokenizer with a chat_template")
+    pieces = [chat_segments(tokenizer, messages) for messages in chats]
+    encoded = iter(_encode(tokenizer, [text for chat in pieces for text, _ in chat], add_special_tokens=False))
+    examples = []
+    for chat in pieces:
+        ids: list[int] = []
+        labels: list[int] = []
+        for _, trained in chat:
+            piece = next(encoded)
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
-        return SftExample(tuple(ids), tuple(labels))
-    if plain is None:
-        raise ValueError("chat `messages` need a tokenizer with a chat_template")
-    prompt_ids, response_ids = plain
-    return SftExample(tuple(prompt_ids + response_ids), (IGNORE_INDEX,) * len(prompt_ids) + tuple(response_ids))
+        examples.append(SftExample(tuple(ids), tuple(labels)))
+    return examples
+
+
+def _encode(tokenizer, texts: list[str], *, add_special_tokens: bool, chunk: int = 4096) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]`` in chunks of `chunk` texts (bounded peak memory; [] for no text)."""
+    return [ids for i in range(0, len(texts), chunk)
+            for ids in tokenizer(texts[i:i + chunk], add_special_tokens=add_special_tokens)["input_ids"]]
+
+
+def tokenize_sft(tokenizer, *, prompt: str | None = None, response: str | None = None,
+                 messages=None, use_chat_template: bool = True) -> SftExample:
+    """One example of :func:`tokenize_sft_batch` (a prompt/response pair, or chat `messages`)."""
+    if messages is not None:
+        return tokenize_sft_batch(tokenizer, chats=[messages], use_chat_template=use_chat_template)[0]
+    if prompt is None or response is None:
+        raise ValueError("an SFT example needs prompt and response, or messages")
+    return tokenize_sft_batch(tokenizer, prompts=[prompt], responses=[response],
+                              use_chat_template=use_chat_template)[0]
 
 
 def pad_sft(examples, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -493,6 +523,124 @@ def pad_sft(examples, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
         t = min(len(ex.ids), max_length)
         ids[i, :t], mask[i, :t], labels[i, :t] = ex.ids[:t], 1, ex.labels[:t]
     return {"ids": ids, "mask": mask, "labels": labels}
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Which examples share a row: best-fit decreasing bin packing of `lengths` (each <= `max_length`).
+
+    Examples are placed longest first (ties: lower index first), each into the open row with the least free room
+    that still holds it (ties: the oldest row), else into a new row; a row lists its examples in placement order.
+    Best-fit decreasing fills rows as tightly as first-fit decreasing (both within 11/9 of the fewest rows) and,
+    unlike greedy packing in data order, does not waste the tail of a row whenever the next example is long. It is
+    a pure function of the lengths (no seed): the training order comes from shuffling the rows with the seed
+    (:func:`batch_indices`), so a resumed run sees exactly the rows and order of an uninterrupted one.
+    """
+    free_rows: list[list[int]] = [[] for _ in range(max_length + 1)]  # free room -> heap of row indices
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        need = lengths[i]
+        if not 0 < need <= max_length:
+            raise ValueError(f"example {i} has {need} tokens; packing needs 1..max_length ({max_length})")
+        room = next((r for r in range(need, max_length + 1) if free_rows[r]), None)
+        if room is None:
+            row, room = len(rows), max_length
+            rows.append([])
+        else:
+            row = heapq.heappop(free_rows[room])
+        rows[row].append(i)
+        heapq.heappush(free_rows[room - need], row)
+    return rows
+
+
+def pack_sft(examples, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Examples truncated to `max_length` and packed several to a row (:func:`pack_rows`), right-padded: ids, mask
+    (1 on real tokens), labels, segment_ids (1, 2, ... per example of a row, 0 on padding), all [rows, max_length].
+
+    Each example's first label is IGNORE_INDEX: in a padded row that label is never a target (position t predicts
+    label t + 1), while in a packed row the previous example's last token would predict it. So every example's
+    counted tokens, and with segment-masked attention and per-example positions its loss, are those of padding.
+    """
+    cut = [(ex.ids[:max_length], ex.labels[:max_length]) for ex in examples]
+    rows = pack_rows([len(ids) for ids, _ in cut], max_length)
+    shape = (len(rows), max_length)
+    ids, labels = np.full(shape, pad_id, np.int32), np.full(shape, IGNORE_INDEX, np.int32)
+    segment_ids = np.zeros(shape, np.int32)
+    for r, members in enumerate(rows):
+        t = 0
+        for s, i in enumerate(members, 1):
+            ex_ids, ex_labels = cut[i]
+            n = len(ex_ids)
+            ids[r, t:t + n], labels[r, t + 1:t + n], segment_ids[r, t:t + n] = ex_ids, ex_labels[1:], s
+            t += n
+    return {"ids": ids, "mask": (segment_ids != 0).astype(np.int32), "labels": labels, "segment_ids": segment_ids}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On-disk cache of tokenised SFT examples
+
+_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Where tokenised data is cached: $JGOAT_CACHE, else $XDG_CACHE_HOME/jgoat, else ~/.cache/jgoat."""
+    if os.environ.get("JGOAT_CACHE"):
+        return pathlib.Path(os.environ["JGOAT_CACHE"])
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "jgoat"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides a tokenizer's output, read without calling it: its class, its full serialisation (a
+    fast tokenizer's JSON: vocabulary, merges, normaliser, pre-tokeniser, post-processor; else its vocabulary), its
+    special tokens and its chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = (type(tokenizer).__qualname__, body, repr(sorted(tokenizer.special_tokens_map.items())),
+             repr(tokenizer.eos_token_id), getattr(tokenizer, "chat_template", None) or "")
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def _write_examples(path: pathlib.Path, examples: list[SftExample]) -> None:
+    offsets = np.cumsum([0, *(len(ex.ids) for ex in examples)], dtype=np.int64)
+    flat = {k: np.fromiter((v for ex in examples for v in getattr(ex, k)), np.int64, int(offsets[-1]))
+            for k in ("ids", "labels")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, offsets=offsets, **flat)
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache entry
+
+
+def _read_examples(path: pathlib.Path) -> list[SftExample] | None:
+    try:
+        with np.load(path) as z:
+            offsets, ids, labels = z["offsets"], z["ids"].tolist(), z["labels"].tolist()
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing or unreadable: tokenise again
+        return None
+    return [SftExample(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def cached_sft_examples(tokenizer, cache_dir: str | pathlib.Path | None, *, prompts=None, responses=None,
+                        chats=None, use_chat_template: bool = True) -> list[SftExample]:
+    """:func:`tokenize_sft_batch`, cached in `cache_dir` (None: no cache) under the sha256 of the tokenizer
+    (:func:`tokenizer_fingerprint`), the examples' text and the settings: a second run on the same data and
+    tokenizer reads the tokens back without calling the tokenizer. The cache holds untruncated tokens, so another
+    max_length or packing choice reuses it."""
+    kw = dict(prompts=prompts, responses=responses, chats=chats, use_chat_template=use_chat_template)
+    if cache_dir is None:
+        return tokenize_sft_batch(tokenizer, **kw)
+    key = hashlib.sha256(json.dumps(
+        {"version": _CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": use_chat_template,
+         "prompts": prompts, "responses": responses, "chats": chats},
+        sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")).hexdigest()
+    path = pathlib.Path(cache_dir) / "sft" / f"{key}.npz"
+    examples = _read_examples(path) if path.is_file() else None
+    if examples is None:
+        examples = tokenize_sft_batch(tokenizer, **kw)
+        _write_examples(path, examples)
+    return examples
 
 
 def _chat_problem(messages) -> str | None:
@@ -513,8 +661,13 @@ def _rows(indices: list[int], limit: int = 5) -> str:
 
 def sft_arrays(tokenizer, dataset, *, max_length: int, prompt_column: str = "prompt",
                response_column: str = "response", messages_column: str = "messages",
-               use_chat_template: bool = True) -> dict[str, np.ndarray]:
+               use_chat_template: bool = True, packing: bool = False,
+               cache_dir: str | pathlib.Path | None = None) -> dict[str, np.ndarray]:
     """Tokenise a ``datasets.Dataset`` of prompt/response pairs or chat `messages` for causal-LM SFT.
+
+    The tokenizer is called on lists (:func:`tokenize_sft_batch`), and with `cache_dir` the tokens are cached on
+    disk (:func:`cached_sft_examples`). Rows are one example each, right-padded (:func:`pad_sft`: ids, mask,
+    labels), or with `packing` several examples each (:func:`pack_sft`, which adds segment_ids).
 
     Examples that carry no loss are dropped and reported in a :class:`DataWarning` with their count, reason and rows:
     chats without an assistant turn, and examples with no response token left after truncation to `max_length`.
@@ -534,28 +687,29 @@ def sft_arrays(tokenizer, dataset, *, max_length: int, prompt_column: str = "pro
         rows = [i for i, p in enumerate(problems) if p is None]
         if len(rows) < len(chats):
             dropped["without an assistant turn"] = [i for i, p in enumerate(problems) if p is not None]
-        examples = [tokenize_sft(tokenizer, messages=chats[i], use_chat_template=use_chat_template) for i in rows]
+        examples = cached_sft_examples(tokenizer, cache_dir, chats=[chats[i] for i in rows],
+                                       use_chat_template=use_chat_template)
     elif {prompt_column, response_column} <= columns:
         prompts, responses = texts_of(dataset, prompt_column), texts_of(dataset, response_column)
         rows = list(range(len(prompts)))
-        examples = [tokenize_sft(tokenizer, prompt=p, response=r, use_chat_template=use_chat_template)
-                    for p, r in zip(prompts, responses, strict=True)]
+        examples = cached_sft_examples(tokenizer, cache_dir, prompts=prompts, responses=responses,
+                                       use_chat_template=use_chat_template)
     else:
         raise DataError(f"SFT data needs a '{messages_column}' column or '{prompt_column}' and '{response_column}' "
                         f"columns; it has {sorted(columns)}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    arrays = pad_sft(examples, max_length, pad_id)
-    keep = (arrays["labels"][:, 1:] != IGNORE_INDEX).any(axis=1)
-    if not keep.all():
+    keep = [any(label != IGNORE_INDEX for label in ex.labels[1:max_length]) for ex in examples]
+    if not all(keep):
         cut = [r for r, k in zip(rows, keep, strict=True) if not k]
         dropped[f"with no response token within max_length {max_length}"] = cut
     reasons = "; ".join(f"{len(v)} {why} (rows {_rows(v)})" for why, v in dropped.items())
-    if not keep.any():
+    if not any(keep):
         raise DataError(f"no SFT example left: all {len(dataset)} dropped: {reasons}")
     if dropped:
-        warnings.warn(f"SFT data: dropped {len(dataset) - int(keep.sum())} of {len(dataset)} examples: {reasons}",
+        warnings.warn(f"SFT data: dropped {len(dataset) - sum(keep)} of {len(dataset)} examples: {reasons}",
                       DataWarning, stacklevel=2)
-    return {k: v[keep] for k, v in arrays.items()}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    kept = [ex for ex, k in zip(examples, keep, strict=True) if k]
+    return (pack_sft if packing else pad_sft)(kept, max_length, pad_id)
 
 
 def _label_values(dataset, label_column: str) -> list:

@@ -2,7 +2,10 @@
 
 - ``classify``: sequence classification with an encoder (BERT / RoBERTa + classifier); batch {ids, mask, labels}.
 - ``sft``: causal-LM supervised fine-tuning of a decoder (Llama / Mistral / Qwen2); batch {ids, mask, labels} with
-  labels = ids on response tokens and -100 on prompt and padding (loss on response tokens only).
+  labels = ids on response tokens and -100 on prompt and padding (loss on response tokens only). Packed (the
+  default where it is exact, :func:`sft_packing`), a row holds several examples and the batch adds segment_ids:
+  attention stays within each example, positions restart per example, and the loss, the counted tokens and GOAT's
+  aux / expert load (over the real tokens, ``mask``) are those of the same examples padded one per row.
 - ``image``: image classification with CLIP vision / ViT + a linear head; batch {pixels, labels}, pixels produced
   per batch by HF-identical preprocessing (``jgoat.models.preprocess``).
 """
@@ -87,7 +90,9 @@ def forward(task_kind: str, model, params, batch, rng, *, aux_count_padding: boo
     if task_kind == "image":
         return fn({"params": params}, batch["pixels"], deterministic=rng is None, rngs=rngs)
     mask = None if aux_count_padding else batch["mask"]
-    out = fn({"params": params}, batch["ids"], batch["mask"], deterministic=rng is None, rngs=rngs, aux_mask=mask)
+    packed = {"segment_ids_BxT": batch["segment_ids"]} if "segment_ids" in batch else {}
+    out = fn({"params": params}, batch["ids"], batch["mask"], deterministic=rng is None, rngs=rngs, aux_mask=mask,
+             **packed)
     return (out[0].logits, *out[1:]) if task_kind == "sft" else out
 
 
@@ -191,14 +196,24 @@ def load_classify(opts, *, model_dir: str, dtype, key) -> Task:
     return Task("classify", model, params, splits[0], splits[1], names, opts.data, model_dir)
 
 
+def sft_packing(opts) -> bool:
+    """Whether SFT rows are packed: --packing (the default), unless the run needs one example per row to be right:
+    prompt tuning prepends its virtual tokens to each row, not to each example, and --aux-count-padding asks for the
+    official code's aux over padded rows (packing removes that padding, so it would be another number)."""
+    return bool(opts.packing) and opts.method != "prompt" and not opts.aux_count_padding
+
+
 def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
-    """Decoder + prompt/response or chat-messages data, tokenised with the tokenizer's chat template if any."""
+    """Decoder + prompt/response or chat-messages data, tokenised (batched, cached on disk under
+    :func:`jgoat.data.default_cache_dir`) with the tokenizer's chat template if any, packed per :func:`sft_packing`
+    (train and eval: the eval metrics are sums over response tokens, the same either way)."""
     tokenizer = load_tokenizer(model_dir)
     if opts.data is None:
         raise ValueError("--task sft needs --data (a json/jsonl/csv/parquet file, a data folder or a hub name)")
     train, held_out = train_and_eval(opts)
     kw = dict(max_length=opts.max_length, prompt_column=opts.prompt_column, response_column=opts.response_column,
-              messages_column=opts.messages_column, use_chat_template=opts.chat_template)
+              messages_column=opts.messages_column, use_chat_template=opts.chat_template,
+              packing=sft_packing(opts), cache_dir=data_lib.default_cache_dir())
     splits = [ArraySplit(data_lib.sft_arrays(tokenizer, ds, **kw)) for ds in (train, held_out)]
     model, params, _ = from_pretrained(model_dir, dtype=dtype, remat_policy=opts.remat)
     return Task("sft", model, params, splits[0], splits[1], (), opts.data, model_dir, tokenizer)

@@ -13,6 +13,9 @@ Implementations (``attention_impl`` of each model config):
 - ``None`` (default): ``"cudnn"`` on a GPU backend when the compute dtype is bf16 / fp16 and the head size is
   supported, ``"xla"`` otherwise.
 
+Packed batches (several examples per row, ``segment_ids``) are masked, not cut: :func:`same_segment_mask` ANDed
+with the causal / padding mask goes to either implementation as a boolean mask.
+
 Attention dropout (a training-time rate > 0) needs the probabilities themselves, which the fused kernels do not
 expose: with an active dropout the scores and probabilities are formed explicitly (the XLA maths, same numerics).
 """
@@ -43,6 +46,17 @@ def resolve_attention_impl(impl: str | None, dtype: Any, head_dim: int) -> str:
     if jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
     return "xla"
+
+
+def same_segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+    """``[B, T, T]`` True where query t and key s lie in the same packed example: equal segment ids, both non-zero
+    (0 marks padding). AND it with a causal mask for a packed decoder batch: attention then never crosses examples.
+
+    Args:
+      segment_ids_BxT: int ids ``[B, T]``, 1, 2, ... per packed example of a row, 0 on padding.
+    """
+    seg_BxT = segment_ids_BxT.astype(jnp.int32)
+    return (seg_BxT[:, :, None] == seg_BxT[:, None, :]) & (seg_BxT[:, None, :] != 0)
 
 
 def dot_product_attention(

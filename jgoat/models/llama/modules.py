@@ -88,6 +88,18 @@ def position_ids_from_mask(attention_mask_BxS: jax.Array) -> jax.Array:
     return jnp.where(mask_BxS == 1, jnp.cumsum(mask_BxS, axis=1) - 1, 0)
 
 
+def position_ids_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions of a packed batch: ``0..len-1`` within each example (segment), 0 on padding (segment id 0).
+
+    A segment is a run of equal non-zero ids (the packer writes examples contiguously, ids 1, 2, ... per row).
+    """
+    seg_BxT = segment_ids_BxT.astype(jnp.int32)
+    t_BxT = jnp.broadcast_to(jnp.arange(seg_BxT.shape[1], dtype=jnp.int32)[None], seg_BxT.shape)
+    first_BxT = jnp.concatenate([jnp.ones_like(seg_BxT[:, :1], bool), seg_BxT[:, 1:] != seg_BxT[:, :-1]], axis=1)
+    start_BxT = jax.lax.cummax(jnp.where(first_BxT, t_BxT, 0), axis=1)
+    return jnp.where(seg_BxT != 0, t_BxT - start_BxT, 0)
+
+
 def _dense(cfg: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
     """A plain ``nn.Dense`` with HF's init (normal(initializer_range) kernel, zero bias)."""
     return nn.Dense(
@@ -281,6 +293,7 @@ class LlamaModel(nn.Module):
         attention_mask: jax.Array | None = None,
         position_ids_BxT: jax.Array | None = None,
         *,
+        segment_ids_BxT: jax.Array | None = None,
         decode: bool = False,
         prompt_in_cache: bool = False,
         deterministic: bool = True,
@@ -293,7 +306,12 @@ class LlamaModel(nn.Module):
           attention_mask: 1 for real tokens, 0 for padding (left or right). Without ``decode``: ``[B, T]`` (None:
             all ones). With ``decode``: ``[B, S]`` over the whole KV cache (prompt mask, then ones), required.
           position_ids_BxT: None gives :func:`position_ids_from_mask` (HF ``generate``'s positions; for a
-            right-padded or unpadded batch these are ``0..T-1`` on real tokens, as HF's forward).
+            right-padded or unpadded batch these are ``0..T-1`` on real tokens, as HF's forward), or with
+            ``segment_ids_BxT`` :func:`position_ids_from_segments` (restarting at 0 per packed example).
+          segment_ids_BxT: packed rows (several examples per row): int ``[B, T]``, 1, 2, ... per example, 0 on
+            padding. Attention is causal within each example and never crosses one (:func:`attention.
+            same_segment_mask`); ``attention_mask`` defaults to ``segment_ids_BxT != 0``. Not with ``decode`` nor
+            prompt tuning (its virtual tokens are per row, not per example).
           decode: use and update the ``'cache'`` collection (pass ``mutable=["cache"]``); the new tokens go to the
             slots after those already cached (``cache/model/index``). With prompt tuning the p virtual tokens take
             cache slots ``0..p-1`` (the cache needs p extra slots) and ``attention_mask`` covers the other slots.
@@ -311,6 +329,14 @@ class LlamaModel(nn.Module):
         n_prompt = 0 if prompt_PxD is None else prompt_PxD.shape[0]
         n_prefix = 0 if prefix_Lx2xPxKxH is None else prefix_Lx2xPxKxH.shape[2]
         n_virtual = n_prompt if not (decode and prompt_in_cache) else 0  # virtual tokens this call prepends
+        if segment_ids_BxT is not None:
+            if decode or n_prompt:
+                raise ValueError("segment_ids (packed rows) cannot be used with decode=True or prompt tuning (its "
+                                 "virtual tokens are per row, not per packed example): pass padded rows")
+            if segment_ids_BxT.shape != (B, T):
+                raise ValueError(f"segment_ids has shape {segment_ids_BxT.shape}, expected {(B, T)}")
+            if attention_mask is None:
+                attention_mask = (segment_ids_BxT != 0).astype(jnp.int32)
         if decode:
             if attention_mask is None:
                 raise ValueError("decode=True needs attention_mask [B, cache_length] (prompt mask, then ones)")
@@ -332,7 +358,9 @@ class LlamaModel(nn.Module):
                 position_ids_BxT = jnp.concatenate([virtual_BxV, position_ids_BxT + n_prompt], axis=1)
             T, S = T + n_virtual, S + n_prompt
         check_key_length(cfg, S + n_prefix)
-        if position_ids_BxT is None:
+        if position_ids_BxT is None and segment_ids_BxT is not None:
+            position_ids_BxT = position_ids_from_segments(segment_ids_BxT) + n_prefix
+        elif position_ids_BxT is None:
             position_ids_BxT = jax.lax.dynamic_slice_in_dim(position_ids_from_mask(attention_mask), slot0, T, axis=1)
             # prefix tuning: HF sees the prefix as p cached tokens, so real tokens' positions start at p
             position_ids_BxT = position_ids_BxT + n_prefix
@@ -340,6 +368,8 @@ class LlamaModel(nn.Module):
         q_slot_T = slot0 + jnp.arange(T, dtype=jnp.int32)
         causal_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slot_T[:, None]
         keep_BxTxS = causal_TxS[None, :, :] & attention_mask.astype(bool)[:, None, :]
+        if segment_ids_BxT is not None:  # packed rows: causal within each example only
+            keep_BxTxS = keep_BxTxS & attention.same_segment_mask(segment_ids_BxT)
         keep_Bx1x1xTxS = keep_BxTxS[:, None, None, :, :]
         cos_BxTxH, sin_BxTxH = rope_cos_sin(position_ids_BxT, cfg)
 
@@ -405,6 +435,7 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: jax.Array | None = None,
         position_ids_BxT: jax.Array | None = None,
         *,
+        segment_ids_BxT: jax.Array | None = None,
         decode: bool = False,
         prompt_in_cache: bool = False,
         deterministic: bool = True,
@@ -414,8 +445,8 @@ class LlamaForCausalLM(nn.Module):
         """Next-token logits for a batch of sequences.
 
         Args:
-          input_ids_BxT, attention_mask, position_ids_BxT, decode, prompt_in_cache, deterministic,
-            output_hidden_states: as :meth:`LlamaModel.__call__`.
+          input_ids_BxT, attention_mask, position_ids_BxT, segment_ids_BxT, decode, prompt_in_cache,
+            deterministic, output_hidden_states: as :meth:`LlamaModel.__call__`.
           only_last_logits: compute the head on the last position only (logits ``[B, 1, V]``), as generation needs.
 
         Returns:
@@ -431,6 +462,7 @@ class LlamaForCausalLM(nn.Module):
             input_ids_BxT,
             attention_mask,
             position_ids_BxT,
+            segment_ids_BxT=segment_ids_BxT,
             decode=decode,
             prompt_in_cache=prompt_in_cache,
             deterministic=deterministic,
