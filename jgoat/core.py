@@ -13,6 +13,7 @@ Layers (imports point downward only): core (this module, and :mod:`jgoat.hooks`)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import numbers
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -34,6 +36,8 @@ PyTree = Any
 # Module names treated as output heads: excluded from "all-linear" unless named explicitly.
 HEAD_NAMES: tuple[str, ...] = ("lm_head", "classifier", "score", "head", "heads", "qa_outputs")
 _SAMPLES = 1024  # elements hashed per base leaf by `fingerprint`
+# Values of ``AdapterConfig.compute_dtype`` (see its docstring): "auto" is the activation dtype.
+COMPUTE_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 
 @struct.dataclass
@@ -90,16 +94,35 @@ class AdapterConfig:
       exclude: same forms as ``targets`` (without "all-linear"); removes modules from the selection.
       modules_to_save: modules (same forms) whose own parameters become fully trainable, e.g. a new classifier.
       dropout: adapter dropout on the adapter input only (active when a 'dropout' rng is passed to apply).
+      compute_dtype: the dtype policy of the adapter maths (one of :data:`COMPUTE_DTYPES`; a dtype such as
+        ``jnp.bfloat16`` is accepted and stored by name). Every matmul of the adapter on activations (x·A, h·B, the
+        residual offsets, GOAT's experts, DoRA's / (IA)³'s product with the frozen kernel) takes its operands in
+        this dtype and accumulates in float32 (``preferred_element_type=float32``); the float32 results combine
+        with the adapter's small float32 factors (scalings, gates, DoRA's gain) in float32 and the update is cast
+        to the layer's output dtype once. ``"auto"`` (the default) is the dtype of the layer's input activations:
+        a bf16 model moves bf16 activations through its adapters (no fp32 copy of x per targeted layer, saved for
+        the backward pass), while a float32 model computes exactly as before, bit for bit (float32 operands with
+        float32 accumulation are the same dot products). ``"float32"`` reproduces jgoat's earlier behaviour for
+        every model (activations upcast to float32). Always float32 whatever the policy: the parameters and the
+        optimizer state (the policy only casts copies inside the forward), GOAT's router logits (float32 inputs:
+        bf16 activations upcast exactly), softmax, top-k and aux loss, weight-sized maths (merges, DoRA's column
+        norms) and element-wise scalings such as (IA)³'s out-side vector (fused by XLA, so float32 costs no extra
+        memory traffic there, while a bf16 l ≈ 1 would round away updates below 2^-8).
+
+    The policy lives in the config only (one source of truth): ``init`` copies it onto each adapter node as a static
+    field, as it does ``scale`` and ``dropout``; :func:`resolve_compute_dtype` turns it into a dtype.
     """
 
     targets: str | Sequence[str] = "all-linear"
     exclude: str | Sequence[str] = ()
     modules_to_save: str | Sequence[str] = ()
     dropout: float = 0.0
+    compute_dtype: str = "auto"
 
     method: ClassVar[str] = "base"
 
     def __post_init__(self):
+        object.__setattr__(self, "compute_dtype", check_compute_dtype(self.compute_dtype, type(self).__name__))
         check_fields(self)
         for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
@@ -119,6 +142,76 @@ class AdapterConfig:
     def reads_base(self) -> bool:
         """Whether the init decomposes the base kernel (SVD, QR, norms): `wrap` then refuses a non-finite base."""
         return False
+
+
+def check_compute_dtype(value: Any, owner: str) -> str:
+    """The name (one of :data:`COMPUTE_DTYPES`) of a compute-dtype policy given as a name or a dtype; a ValueError
+    naming ``<owner>.compute_dtype`` otherwise."""
+    name = value
+    if not isinstance(value, str):
+        try:
+            name = jnp.dtype(value).name
+        except (TypeError, ValueError):
+            name = None
+    if name not in COMPUTE_DTYPES:
+        raise JgoatError(f"{owner}.compute_dtype must be one of {', '.join(repr(d) for d in COMPUTE_DTYPES)} "
+                         f"(or the matching dtype), got {value!r}")
+    return name
+
+
+def resolve_compute_dtype(policy: str, activation_dtype: Any) -> np.dtype:
+    """The dtype adapter matmul operands take under `policy` for activations of `activation_dtype`."""
+    return jnp.dtype(activation_dtype) if policy == "auto" else jnp.dtype(policy)
+
+
+def einsum(spec: str, x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """``einsum(spec, x, w)`` of activations x and a weight w under a compute dtype: a float32 result.
+
+    float32: ``jnp.einsum`` of float32 operands, differentiated by JAX as any einsum. A lower precision: both
+    operands cast to `dtype`, float32 accumulation (``preferred_element_type``), and a custom VJP that keeps the
+    backward pass in `dtype` as well (the float32 cotangent is rounded to `dtype` once, as mixed-precision autocast
+    does; both backward contractions take `dtype` operands and accumulate in float32; x's gradient comes back in x's
+    dtype, w's in w's — float32 for float32 params). Without it, JAX's transpose would multiply the float32
+    cotangent with the `dtype` operands, and XLA would form a float32 copy of x for the weight gradient.
+    `spec` names each index once per operand (``"ti,io->to"``, ``"tei,eid->ted"``).
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return _einsum_low(spec, dtype, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_low(spec: str, dtype: np.dtype, x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _einsum_low_fwd(spec, dtype, x, w):
+    x_c, w_c = x.astype(dtype), w.astype(dtype)
+    out = jnp.einsum(spec, x_c, w_c, preferred_element_type=jnp.float32)
+    return out, (x_c, w_c, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))  # the zeros carry the primal dtypes
+
+
+def _einsum_low_bwd(spec, dtype, res, ct):
+    x_c, w_c, x_like, w_like = res
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    ct_c = ct.astype(dtype)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", ct_c, w_c, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x_c, ct_c, preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_einsum_low.defvjp(_einsum_low_fwd, _einsum_low_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """x [..., in] @ w [in, out] under a compute dtype (:func:`einsum`): a float32 result. With dtype float32 it is
+    exactly the float32 product ``x.astype(float32) @ w``."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), preferred_element_type=jnp.float32)
+    out = einsum("ti,io->to", x.reshape(-1, x.shape[-1]), w, dtype)
+    return out.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def check_rule_form(rule: Any, what: str) -> None:

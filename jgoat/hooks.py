@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 
+from jgoat.core import matmul
+
 PROMPT_KEY = "jgoat_prompt"
 PREFIX_KEY = "jgoat_prefix"
 BOTTLENECK_KEY = "jgoat_bottleneck"
@@ -59,16 +61,21 @@ def hook_layout(model_config: Any) -> str | None:
 
 
 def bottleneck_delta(node: Mapping[str, jax.Array], h_BxTxD: jax.Array, activation: str) -> jax.Array:
-    """``a(h) = φ(h Down + b_down) Up + b_up`` in float32, returned in h's dtype."""
-    h32 = h_BxTxD.astype(jnp.float32)
-    lead = (1,) * (h32.ndim - 1)  # explicit broadcasting of the biases over the token dims
+    """``a(h) = φ(h Down + b_down) Up + b_up``, returned in h's dtype.
+
+    Dtype policy: ``AdapterConfig.compute_dtype="auto"`` (the bottleneck's params carry no static knob): both
+    matmuls take their operands in h's dtype with float32 accumulation; biases and φ are float32. A float32 model
+    computes exactly as with float32 operands throughout.
+    """
+    dtype = h_BxTxD.dtype
+    lead = (1,) * (h_BxTxD.ndim - 1)  # explicit broadcasting of the biases over the token dims
 
     def bias(name):
         return node[name].astype(jnp.float32).reshape(*lead, -1)
 
-    z = BOTTLENECK_ACTIVATIONS[activation](h32 @ node["down_kernel"].astype(jnp.float32) + bias("down_bias"))
-    a = z @ node["up_kernel"].astype(jnp.float32) + bias("up_bias")
-    return a.astype(h_BxTxD.dtype)
+    z = BOTTLENECK_ACTIVATIONS[activation](matmul(h_BxTxD, node["down_kernel"], dtype) + bias("down_bias"))
+    a = matmul(z, node["up_kernel"], dtype) + bias("up_bias")
+    return a.astype(dtype)
 
 
 def bottleneck_output(module: Any, h_BxTxD: jax.Array) -> jax.Array:

@@ -8,6 +8,10 @@ An adapter method is a module in `jgoat/adapters/` exposing
   * the node's `forward(x_TxI, y_TxO, ctx) -> (y_TxO, aux)` and, for mergeable methods, `merge` / `unmerge`.
 Layout convention (Flax): a linear computes y = x @ W + b with W [in, out]; A is [in, r], B is [r, out] (the
 transposes of HF PEFT's lora_A.weight [r, in] and lora_B.weight [out, r]).
+
+Dtype policy (``AdapterConfig.compute_dtype``, copied onto each node): a forward resolves it once with
+:func:`compute_dtype` and runs every matmul on activations through :func:`matmul` / :func:`low_rank` (operands in
+that dtype, float32 accumulation and result).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jgoat.core import HEAD_NAMES, AdapterConfig
+from jgoat.core import HEAD_NAMES, AdapterConfig, einsum, matmul, resolve_compute_dtype
 
 Array = jax.Array
 
@@ -73,14 +77,20 @@ def svd_torch_layout(kernel_IxO: Array) -> tuple[Array, Array, Array]:
     return u, s, vt
 
 
-def low_rank(x_TxI: Array, a_IxR: Array, b_RxO: Array) -> Array:
-    """x @ A @ B in float32 without forming the [in, out] product."""
-    return (x_TxI.astype(jnp.float32) @ a_IxR) @ b_RxO
+def compute_dtype(adapter: Any, x: Array) -> jnp.dtype:
+    """The dtype of `adapter`'s matmul operands for input `x` (its static ``compute_dtype`` policy)."""
+    return resolve_compute_dtype(adapter.compute_dtype, x.dtype)
+
+
+def low_rank(x_TxI: Array, a_IxR: Array, b_RxO: Array, dtype: Any) -> Array:
+    """x @ A @ B without forming the [in, out] product: both matmuls in `dtype` with float32 accumulation (the
+    [T, r] intermediate is rounded to `dtype` between them); a float32 result."""
+    return matmul(matmul(x_TxI, a_IxR, dtype), b_RxO, dtype)
 
 
 def describe(value: Any) -> str:
     return repr(value) if not isinstance(value, str) else f"'{value}'"
 
 
-__all__ = ["HEAD_NAMES", "AdapterConfig", "AdditiveMerge", "Array", "Context", "describe", "dropout", "kaiming_uniform",
-           "low_rank", "svd_torch_layout"]
+__all__ = ["HEAD_NAMES", "AdapterConfig", "AdditiveMerge", "Array", "Context", "compute_dtype", "describe", "dropout",
+           "einsum", "kaiming_uniform", "low_rank", "matmul", "svd_torch_layout"]

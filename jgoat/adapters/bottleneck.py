@@ -78,6 +78,9 @@ class BottleneckConfig:
       reduction_factor: bottleneck size is ``hidden_size // reduction_factor`` (at least 1).
       placement: "houlsby" (attention output + feed-forward output, swish) or "pfeiffer" (feed-forward output,
         ReLU).
+
+    Dtype: the ``compute_dtype="auto"`` policy of every adapter (``jgoat.core.AdapterConfig``): matmuls in the
+    sub-layer output's dtype with float32 accumulation, params float32 (:func:`jgoat.hooks.bottleneck_delta`).
     """
 
     reduction_factor: int = 16

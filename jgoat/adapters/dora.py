@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jgoat.adapters.base import Array, Context, dropout, kaiming_uniform, low_rank
+from jgoat.adapters.base import Array, Context, compute_dtype, dropout, kaiming_uniform, low_rank, matmul
 from jgoat.adapters.lora import LoraConfig
 
 
@@ -27,6 +27,7 @@ class DoraAdapter:
     m: Array
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    compute_dtype: str = struct.field(pytree_node=False, default="auto")
 
     trainable: ClassVar[tuple[str, ...]] = ("A", "B", "m")
     layer_ndim: ClassVar[int] = 2  # ndim of A for one unstacked layer
@@ -43,15 +44,16 @@ class DoraAdapter:
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, None]:
         g_O = self._gain(ctx.kernel_IxO)
-        x = x_TxI.astype(jnp.float32)
+        dtype = compute_dtype(self, x_TxI)
+        x = x_TxI.astype(dtype)
         x_drop = dropout(x, self.dropout, ctx.rng)
         if x_drop is x:
             base_no_bias = y_TxO.astype(jnp.float32)
             if ctx.bias_O is not None:
                 base_no_bias = base_no_bias - ctx.bias_O.astype(jnp.float32)[None, :]
         else:
-            base_no_bias = x_drop @ ctx.kernel_IxO.astype(jnp.float32)
-        lora = self.scale * low_rank(x_drop, self.A, self.B)
+            base_no_bias = matmul(x_drop, ctx.kernel_IxO, dtype)
+        lora = self.scale * low_rank(x_drop, self.A, self.B, dtype)
         delta = (g_O - 1.0)[None, :] * base_no_bias + g_O[None, :] * lora
         return y_TxO + delta.astype(y_TxO.dtype), None
 
@@ -68,4 +70,5 @@ def init(cfg: LoraConfig, kernel_IxO: Array, key: Array) -> DoraAdapter:
         m=jnp.linalg.norm(kernel_IxO.astype(jnp.float32), axis=0),
         scale=cfg.scale,
         dropout=cfg.dropout,
+        compute_dtype=cfg.compute_dtype,
     )

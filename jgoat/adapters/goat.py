@@ -5,6 +5,14 @@ MoLoRA is the same layer with init="zero" (A kaiming, B = 0, base unchanged) and
 
 Layout (one layer, Flax): A [E, in, d], B [E, d, out], router [in, E]; the frozen residual correction
 W_res = init_cof · s · Σ_i A_i B_i is held as the low-rank offset res_A [in, E·d], res_B [E·d, out].
+
+Dtype policy (``compute_dtype``): the expert and offset matmuls take their operands in the compute dtype with float32
+accumulation; the router logits, softmax, top-k, renormalisation, the gating of the expert outputs and the aux loss
+are always float32. Under a lower compute dtype the logits stay float32-accurate without a float32 copy of the
+activations: the float32 router weight is split into three compute-dtype parts, W = hi + mid + lo exactly (8 + 8 + 8
+significand bits of bf16 cover float32's 24), so each product x_i·part is exact in float32 and the float32
+accumulation of the 3·in products has the error of a float32 dot (``router_logits``). Routing decisions therefore
+never depend on a bf16 rounding of the router weights.
 """
 
 from __future__ import annotations
@@ -17,7 +25,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jgoat.adapters.base import AdapterConfig, Array, Context, dropout, kaiming_uniform, svd_torch_layout
+from jgoat.adapters.base import (
+    AdapterConfig,
+    Array,
+    Context,
+    compute_dtype,
+    dropout,
+    einsum,
+    kaiming_uniform,
+    svd_torch_layout,
+)
 from jgoat.adapters.lora import offset
 
 GOAT_INITS = ("goat", "goat_mini", "pissa", "milora", "zero")
@@ -128,6 +145,7 @@ class GoatAdapter:
     dropout: float = struct.field(pytree_node=False, default=0.0)
     dropout_mode: str = struct.field(pytree_node=False, default="per_expert")
     aux_form: str = struct.field(pytree_node=False, default="code")
+    compute_dtype: str = struct.field(pytree_node=False, default="auto")
 
     trainable: ClassVar[tuple[str, ...]] = ("A", "B", "router")
     layer_ndim: ClassVar[int] = 3  # ndim of A for one unstacked layer
@@ -136,9 +154,24 @@ class GoatAdapter:
     def in_features(self) -> int:
         return self.A.shape[-2]
 
+    def router_logits(self, x_TxI: Array) -> Array:
+        """x @ router [T, E] in float32. float32 compute dtype: the float32 product. A lower one: x in that dtype
+        (exact for activations already in it) times the three-part split of the router (module docstring)."""
+        dtype = compute_dtype(self, x_TxI)
+        if dtype == jnp.float32:
+            return x_TxI.astype(jnp.float32) @ self.router
+        hi = self.router.astype(dtype)
+        mid = (self.router - hi.astype(jnp.float32)).astype(dtype)
+        lo = (self.router - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(dtype)
+        parts_Ix3E = jnp.concatenate([hi, mid, lo], axis=-1)
+        logits_Tx3E = einsum("ti,ie->te", x_TxI, parts_Ix3E, dtype)
+        n_experts = self.router.shape[-1]
+        return jnp.sum(logits_Tx3E.reshape(x_TxI.shape[0], 3, n_experts), axis=1)
+
     def route(self, x_TxI: Array) -> tuple[Array, Array, Array]:
-        """GOAT.md §3: probabilities p [T, E], dense gates [T, E] (k non-zeros summing to 1), top-k idx [T, k]."""
-        p_TxE = jax.nn.softmax(x_TxI.astype(jnp.float32) @ self.router, axis=-1)
+        """GOAT.md §3: probabilities p [T, E], dense gates [T, E] (k non-zeros summing to 1), top-k idx [T, k]; all
+        float32 whatever the compute dtype."""
+        p_TxE = jax.nn.softmax(self.router_logits(x_TxI), axis=-1)
         w_TxK, idx_TxK = jax.lax.top_k(p_TxE, self.top_k)
         w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
         n_experts = self.router.shape[-1]
@@ -160,18 +193,21 @@ class GoatAdapter:
         return loss / self.top_k if self.aux_form == "paper" else loss
 
     def expert_inputs(self, x_TxI: Array, rng: Array | None) -> Array:
-        """x @ A_i for every expert, [T, E, d], with adapter dropout on the expert input."""
+        """x @ A_i for every expert, [T, E, d] float32, with adapter dropout on the expert input; x's dtype is the
+        compute dtype (A is cast to it, the products accumulate in float32)."""
+        dtype = x_TxI.dtype
         if self.dropout == 0.0 or rng is None or self.dropout_mode == "shared":
-            return jnp.einsum("ti,eid->ted", dropout(x_TxI, self.dropout, rng), self.A)
+            return einsum("ti,eid->ted", dropout(x_TxI, self.dropout, rng), self.A, dtype)
         n_experts = self.A.shape[0]
         x_TxExI = jnp.broadcast_to(x_TxI[:, None, :], (x_TxI.shape[0], n_experts, x_TxI.shape[1]))
-        return jnp.einsum("tei,eid->ted", dropout(x_TxExI, self.dropout, rng), self.A)
+        return einsum("tei,eid->ted", dropout(x_TxExI, self.dropout, rng), self.A, dtype)
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, Array]:
-        x = x_TxI.astype(jnp.float32)
-        p_TxE, gates_TxE, idx_TxK = self.route(x)
+        dtype = compute_dtype(self, x_TxI)
+        x = x_TxI.astype(dtype)
+        p_TxE, gates_TxE, idx_TxK = self.route(x_TxI)
         h_TxExD = self.expert_inputs(x, ctx.rng) * (self.scale * gates_TxE)[..., None]
-        delta_TxO = jnp.einsum("ted,edo->to", h_TxExD, self.B) - offset(self, x)
+        delta_TxO = einsum("ted,edo->to", h_TxExD, self.B, dtype) - offset(self, x, dtype)
         return y_TxO + delta_TxO.astype(y_TxO.dtype), self.aux_loss(p_TxE, idx_TxK, ctx.token_mask_T)
 
 
@@ -196,7 +232,7 @@ def init(cfg: GoatConfig, kernel_IxO: Array, key: Array) -> GoatAdapter:
     key_router, key_a = jax.random.split(key)
     router = kaiming_uniform(key_router, n_in, (n_in, n_experts))
     static = dict(scale=s, top_k=cfg.top_k, dropout=cfg.dropout, dropout_mode=cfg.dropout_mode,
-                  aux_form=cfg.aux_form)
+                  aux_form=cfg.aux_form, compute_dtype=cfg.compute_dtype)
     if cfg.init == "zero":
         a = kaiming_uniform(key_a, n_in, (n_experts, n_in, d))
         return GoatAdapter(A=a, B=jnp.zeros((n_experts, d, n_out), jnp.float32), router=router, **static)

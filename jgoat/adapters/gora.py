@@ -58,7 +58,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, low_rank
+from jgoat.adapters.base import (
+    AdapterConfig,
+    AdditiveMerge,
+    Array,
+    Context,
+    compute_dtype,
+    dropout,
+    kaiming_uniform,
+    low_rank,
+)
 
 PyTree = Any
 GORA_SIGNS = ("descend", "code")
@@ -139,6 +148,7 @@ class GoraAdapter(AdditiveMerge):
     rank: Array
     scale: Array
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    compute_dtype: str = struct.field(pytree_node=False, default="auto")
 
     trainable: ClassVar[tuple[str, ...]] = ("A", "B")
     layer_ndim: ClassVar[int] = 2  # ndim of A for one unstacked layer
@@ -156,8 +166,9 @@ class GoraAdapter(AdditiveMerge):
         return self.scale * jnp.matmul(self.masked_A(), self.B, precision=_HI)
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, None]:
-        x_drop = dropout(x_TxI.astype(jnp.float32), self.dropout, ctx.rng)
-        delta = self.scale * low_rank(x_drop, self.masked_A(), self.B)
+        dtype = compute_dtype(self, x_TxI)
+        x_drop = dropout(x_TxI.astype(dtype), self.dropout, ctx.rng)
+        delta = self.scale * low_rank(x_drop, self.masked_A(), self.B, dtype)
         return y_TxO + delta.astype(y_TxO.dtype), None
 
 
@@ -199,7 +210,8 @@ def stacked_nodes(cfg: GoraConfig, grads_NxIxO: Array | None, keys_N: Array, ran
     scales = np.asarray([cfg.scale_for(r) for r in ranks], np.float32)
     ranks_N = np.asarray(ranks, np.int32)
     a, b = _stack_factors(grads_NxIxO, keys_N, ranks_N, coefs, n_in=n_in, n_out=n_out, r_pad=r_pad)
-    return GoraAdapter(A=a, B=b, rank=jnp.asarray(ranks_N), scale=jnp.asarray(scales), dropout=cfg.dropout)
+    return GoraAdapter(A=a, B=b, rank=jnp.asarray(ranks_N), scale=jnp.asarray(scales), dropout=cfg.dropout,
+                       compute_dtype=cfg.compute_dtype)
 
 
 def init(cfg: GoraConfig, kernel_IxO: Array, key: Array, *, grad_IxO: Array | None, rank: int,

@@ -21,8 +21,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 from flax import struct
 
-from jgoat.adapters.base import AdapterConfig, Array, Context
-from jgoat.core import check_rule_form, rule_matches
+from jgoat.adapters.base import AdapterConfig, Array, Context, compute_dtype, matmul
+from jgoat.core import check_compute_dtype, check_rule_form, rule_matches
 
 # peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for Llama and Mistral:
 # the attention keys and values are scaled on their output, the MLP down projection on its input. (peft's Qwen2
@@ -75,14 +75,19 @@ class IA3Config(AdapterConfig):
 
     def for_layer(self, path: str) -> IA3LayerConfig:
         """The hashable per-layer config `init` receives (wrap calls this with each target's path)."""
-        return IA3LayerConfig(feedforward=self.is_feedforward(path))
+        return IA3LayerConfig(feedforward=self.is_feedforward(path), compute_dtype=self.compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class IA3LayerConfig:
-    """What `init` needs to know about one layer: whether it is a feed-forward (in-side) target."""
+    """What `init` needs to know about one layer: whether it is a feed-forward (in-side) target, and the
+    ``compute_dtype`` policy of its `IA3Config`."""
 
     feedforward: bool
+    compute_dtype: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "compute_dtype", check_compute_dtype(self.compute_dtype, type(self).__name__))
 
 
 @struct.dataclass
@@ -92,6 +97,7 @@ class IA3Adapter:
     l: Array  # noqa: E741 (peft's name: ia3_l)
     feedforward: bool = struct.field(pytree_node=False, default=False)
     n_in: int = struct.field(pytree_node=False, default=0)
+    compute_dtype: str = struct.field(pytree_node=False, default="auto")
 
     trainable: ClassVar[tuple[str, ...]] = ("l",)
     ref_field: ClassVar[str] = "l"  # the field whose ndim is layer_ndim for one unstacked layer
@@ -104,10 +110,11 @@ class IA3Adapter:
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, None]:
         l_N = self.l.astype(jnp.float32)
-        if self.feedforward:  # (x ⊙ l) W + b = y + (x ⊙ (l − 1)) W
+        if self.feedforward:  # (x ⊙ l) W + b = y + (x ⊙ (l − 1)) W: the scaling in float32, the matmul in the policy
             x_scaled = x_TxI.astype(jnp.float32) * (l_N - 1.0)[None, :]
-            delta = x_scaled @ ctx.kernel_IxO.astype(jnp.float32)
+            delta = matmul(x_scaled, ctx.kernel_IxO, compute_dtype(self, x_TxI))
             return y_TxO + delta.astype(y_TxO.dtype), None
+        # out-side: element-wise, always float32 (XLA fuses it; a bf16 l ≈ 1 would round away updates below 2^-8)
         return (y_TxO.astype(jnp.float32) * l_N[None, :]).astype(y_TxO.dtype), None
 
     def _factor(self, value: Array) -> Array:
@@ -138,4 +145,5 @@ def init(cfg: IA3LayerConfig, kernel_IxO: Array, key: Array) -> IA3Adapter:
     del key  # deterministic init
     n_in, n_out = kernel_IxO.shape
     n = n_in if cfg.feedforward else n_out
-    return IA3Adapter(l=jnp.ones((n,), jnp.float32), feedforward=cfg.feedforward, n_in=n_in)
+    return IA3Adapter(l=jnp.ones((n,), jnp.float32), feedforward=cfg.feedforward, n_in=n_in,
+                      compute_dtype=cfg.compute_dtype)

@@ -29,7 +29,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, svd_torch_layout
+from jgoat.adapters.base import (
+    AdapterConfig,
+    AdditiveMerge,
+    Array,
+    Context,
+    compute_dtype,
+    dropout,
+    kaiming_uniform,
+    matmul,
+    svd_torch_layout,
+)
 from jgoat.adapters.lora import offset, offset_weight
 
 KASA_TRUNCATIONS = ("spec", "reference")
@@ -119,6 +129,7 @@ class KasaAdapter(AdditiveMerge):
     dropout: float = struct.field(pytree_node=False, default=0.0)
     beta: float = struct.field(pytree_node=False, default=1e-4)
     gamma: float = struct.field(pytree_node=False, default=1e-3)
+    compute_dtype: str = struct.field(pytree_node=False, default="auto")
 
     trainable: ClassVar[tuple[str, ...]] = ("A", "B", "diag")
     layer_ndim: ClassVar[int] = 2  # ndim of A for one unstacked layer
@@ -136,9 +147,10 @@ class KasaAdapter(AdditiveMerge):
         return self.update_weight() - offset_weight(self)
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, None]:
-        x_drop = dropout(x_TxI.astype(jnp.float32), self.dropout, ctx.rng)
-        h_TxR = (x_drop @ self.A) * self.diag[None, :]
-        delta = self.scale * (h_TxR @ self.B) - offset(self, x_TxI)
+        dtype = compute_dtype(self, x_TxI)
+        x_drop = dropout(x_TxI.astype(dtype), self.dropout, ctx.rng)
+        h_TxR = matmul(x_drop, self.A, dtype) * self.diag[None, :]
+        delta = self.scale * matmul(h_TxR, self.B, dtype) - offset(self, x_TxI, dtype)
         return y_TxO + delta.astype(y_TxO.dtype), None
 
     def regularizer(self) -> Array:
@@ -177,6 +189,7 @@ def init(cfg: KasaConfig, kernel_IxO: Array, key: Array) -> KasaAdapter:
         dropout=cfg.dropout,
         beta=cfg.beta,
         gamma=cfg.gamma,
+        compute_dtype=cfg.compute_dtype,
     )
 
 

@@ -22,6 +22,7 @@ from jgoat.adapters.base import (
     AdditiveMerge,
     Array,
     Context,
+    compute_dtype,
     dropout,
     kaiming_uniform,
     low_rank,
@@ -89,6 +90,7 @@ class LoraAdapter(AdditiveMerge):
     res_B: Array | None = None
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    compute_dtype: str = struct.field(pytree_node=False, default="auto")
 
     trainable: ClassVar[tuple[str, ...]] = ("A", "B")
     layer_ndim: ClassVar[int] = 2  # ndim of A for one unstacked layer
@@ -102,16 +104,18 @@ class LoraAdapter(AdditiveMerge):
         return self.scale * (self.A @ self.B) - offset_weight(self)
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, None]:
-        x_drop = dropout(x_TxI.astype(jnp.float32), self.dropout, ctx.rng)
-        delta = self.scale * low_rank(x_drop, self.A, self.B) - offset(self, x_TxI)
+        dtype = compute_dtype(self, x_TxI)
+        x_drop = dropout(x_TxI.astype(dtype), self.dropout, ctx.rng)
+        delta = self.scale * low_rank(x_drop, self.A, self.B, dtype) - offset(self, x_TxI, dtype)
         return y_TxO + delta.astype(y_TxO.dtype), None
 
 
-def offset(adapter, x_TxI: Array) -> Array:
-    """x · res_A · res_B, the frozen low-rank part subtracted from the base (0 when the base is unchanged)."""
+def offset(adapter, x_TxI: Array, dtype) -> Array:
+    """x · res_A · res_B (matmuls in `dtype`, float32 result), the frozen low-rank part subtracted from the base
+    (0 when the base is unchanged)."""
     if adapter.res_A is None:
         return jnp.zeros((), jnp.float32)
-    return low_rank(x_TxI, adapter.res_A, adapter.res_B)
+    return low_rank(x_TxI, adapter.res_A, adapter.res_B, dtype)
 
 
 def offset_weight(adapter) -> Array:
@@ -144,11 +148,12 @@ def init(cfg: LoraConfig, kernel_IxO: Array, key: Array) -> LoraAdapter:
     if cfg.init == "kaiming":
         return LoraAdapter(
             A=kaiming_uniform(key, n_in, (n_in, r)), B=jnp.zeros((r, n_out), jnp.float32),
-            scale=s, dropout=cfg.dropout,
+            scale=s, dropout=cfg.dropout, compute_dtype=cfg.compute_dtype,
         )
     if cfg.init == "gaussian":
         a = jax.random.normal(key, (n_in, r), jnp.float32) / r
-        return LoraAdapter(A=a, B=jnp.zeros((r, n_out), jnp.float32), scale=s, dropout=cfg.dropout)
+        return LoraAdapter(A=a, B=jnp.zeros((r, n_out), jnp.float32), scale=s, dropout=cfg.dropout,
+                           compute_dtype=cfg.compute_dtype)
     if cfg.init == "olora":
         q, rr = jnp.linalg.qr(kernel_IxO.astype(jnp.float32).T)  # W [out, in] = Q R
         a, b = rr[:r].T, q[:, :r].T
@@ -161,4 +166,4 @@ def init(cfg: LoraConfig, kernel_IxO: Array, key: Array) -> LoraAdapter:
             niter = int(_NITER.fullmatch(cfg.init).group(1))
             u, sv, vt = randomized_svd(kernel_IxO.astype(jnp.float32).T, r, niter, key)
         a, b = svd_factors(u, sv, vt, s)
-    return LoraAdapter(A=a, B=b, res_A=a, res_B=s * b, scale=s, dropout=cfg.dropout)
+    return LoraAdapter(A=a, B=b, res_A=a, res_B=s * b, scale=s, dropout=cfg.dropout, compute_dtype=cfg.compute_dtype)

@@ -26,7 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jgoat.adapters.base import AdapterConfig, AdditiveMerge, Array, Context, dropout, kaiming_uniform, low_rank
+from jgoat.adapters.base import (
+    AdapterConfig,
+    AdditiveMerge,
+    Array,
+    Context,
+    compute_dtype,
+    dropout,
+    kaiming_uniform,
+    low_rank,
+)
 from jgoat.adapters.lora import LoraAdapter
 from jgoat.core import ADAPTER_KEY, fingerprint, iter_modules, path_str, replace_at
 
@@ -87,6 +96,7 @@ class LoriAdapter(AdditiveMerge):
     mask: Array | None = None
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    compute_dtype: str = struct.field(pytree_node=False, default="auto")
 
     trainable: ClassVar[tuple[str, ...]] = ("B",)
     layer_ndim: ClassVar[int] = 2  # ndim of A for one unstacked layer
@@ -105,8 +115,9 @@ class LoriAdapter(AdditiveMerge):
         return self.scale * (self.A @ self.effective_B())
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, None]:
-        x_drop = dropout(x_TxI.astype(jnp.float32), self.dropout, ctx.rng)
-        delta = self.scale * low_rank(x_drop, self.A, self.effective_B())
+        dtype = compute_dtype(self, x_TxI)
+        x_drop = dropout(x_TxI.astype(dtype), self.dropout, ctx.rng)
+        delta = self.scale * low_rank(x_drop, self.A, self.effective_B(), dtype)
         return y_TxO + delta.astype(y_TxO.dtype), None
 
 
@@ -114,7 +125,7 @@ def init(cfg: LoriConfig, kernel_IxO: Array, key: Array) -> LoriAdapter:
     """LoRI-D: A ~ U(±1/√in) (torch's kaiming_uniform_(a=√5), frozen), B = 0."""
     n_in, n_out = kernel_IxO.shape
     return LoriAdapter(A=kaiming_uniform(key, n_in, (n_in, cfg.rank)), B=jnp.zeros((cfg.rank, n_out), jnp.float32),
-                       scale=cfg.scale, dropout=cfg.dropout)
+                       scale=cfg.scale, dropout=cfg.dropout, compute_dtype=cfg.compute_dtype)
 
 
 def _lori_nodes(tree: PyTree) -> list[tuple[tuple[str, ...], LoriAdapter]]:
@@ -215,6 +226,6 @@ def lori_concat(trees: Sequence[PyTree], weights: Sequence[float] | None = None)
         a = jnp.concatenate([n.A for n in nodes], axis=-1)
         b = jnp.concatenate([n.effective_B() if w * n.scale == s else n.effective_B() * np.float32(w * n.scale / s)
                              for n, w in zip(nodes, weights, strict=True)], axis=-2)
-        merged = LoraAdapter(A=a, B=b, scale=s, dropout=first.dropout)
+        merged = LoraAdapter(A=a, B=b, scale=s, dropout=first.dropout, compute_dtype=first.compute_dtype)
         out = replace_at(out, tuple(path_key.split("/")), lambda m, a=merged: {**m, ADAPTER_KEY: a})
     return out

@@ -219,7 +219,7 @@ def import_goat(params: PyTree, in_dir: str | os.PathLike, *,
         if len(fields) != len(_GOAT_FIELDS):
             continue
         node = GoatAdapter(**fields, scale=entry["scale"], top_k=cfg.top_k, dropout=cfg.dropout,
-                           dropout_mode=cfg.dropout_mode, aux_form=cfg.aux_form)
+                           dropout_mode=cfg.dropout_mode, aux_form=cfg.aux_form, compute_dtype=cfg.compute_dtype)
         tree = replace_at(tree, path, lambda m, n=node: {**m, ADAPTER_KEY: n})
     for p in meta.get("modules_to_save", []):
         path = tuple(p.split("/"))
