@@ -56,12 +56,18 @@ def _storable(x: Any) -> Any:
     return x if isinstance(x, jax.Array) else np.asarray(x)
 
 
+def _here() -> jax.sharding.Sharding:
+    """This process's first device: where a leaf with no sharding of its own is restored (orbax would otherwise use
+    the saving mesh's sharding, which fails on a process with other devices, e.g. one device after 8)."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def _target(x: Any) -> jax.ShapeDtypeStruct:
     """Where a restored leaf goes: onto the template leaf's sharding when it is a jax array (any device or mesh,
-    whatever mesh saved it), else to the host."""
+    whatever mesh saved it), else onto this process's first device."""
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+    return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=_here())
 
 
 def save(
@@ -116,12 +122,19 @@ def read_adapters(directory: str | os.PathLike, *, step: int | None = None) -> t
     For rebuilding a template whose shapes depend on saved values, e.g. GoRA's per-layer ranks
     (``jgoat.gora_ranks(directory)``). `step` defaults to the latest.
     """
-    with _manager(directory, None) as mngr:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    handlers = {"adapter": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
         record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-        arrays = mngr.restore(step, args=ocp.args.Composite(adapter=ocp.args.StandardRestore()))["adapter"]
+        # the saved shapes and dtypes as targets on this process's device, whatever mesh wrote them
+        targets = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_here())
+                   for k, v in mngr.item_metadata(step)["adapter"].items()}
+        arrays = mngr.restore(step, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(targets)))["adapter"]
     return record, {path: np.asarray(arrays[f"a{i:05d}"]) for i, path in enumerate(record["adapter_paths"])}
 
 
