@@ -36,6 +36,7 @@ import math
 import os
 import pathlib
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Collection, Sequence
@@ -261,6 +262,9 @@ def memory_parser() -> jsonargparse.ArgumentParser:
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     m.add_argument("--remat", default="full", help="remat policy name, or 'none'")
+    m.add_argument("--mesh", default=None,
+                   help="plan the sharded step per device on this mesh, e.g. fsdp=8 (axes not given are 1); "
+                        "compiled on that many CPU devices when this machine has fewer")
     return m
 
 
@@ -606,11 +610,29 @@ def estimate_memory(args: argparse.Namespace):
     knobs = {**vars(build_parser().parse_args(["train", "--task", "sft"])), **vars(args), "command": "train",
              "alpha": 2.0 * args.rank}
     adapter = method_config(argparse.Namespace(**knobs), model_config.model_type)
+    mesh = None
+    if args.mesh is not None:
+        sizes = {a: mesh_sizes(args.mesh).get(a, 1) for a in sharding.MESH_AXES}
+        devices = jax.devices()[:math.prod(sizes.values())]
+        mesh = jgoat.mesh(**sizes, devices=devices)
+        print(f"per device on mesh {' '.join(f'{a}={n}' for a, n in sizes.items())} ({_devices(len(devices))}, "
+              f"compiled for {devices[0].platform})")
     estimate = estimate_llama_training(model_config, adapter, batch_size=args.batch_size, seq_len=args.seq_len,
-                                       quantize=args.quantize == "nf4")
+                                       quantize=args.quantize == "nf4", mesh=mesh)
     print("| method | trainable | arguments GiB | temporaries GiB | peak GiB | TFLOP/step |\n|---|---|---|---|---|---|")
     print(estimate.row(args.method))
     return estimate
+
+
+def _estimate_on_cpu_devices(argv: list[str], n: int) -> int:
+    """`jgoat estimate-memory --mesh` for more devices than this process has: the same command in a child process
+    with `n` CPU devices (XLA's host platform), whose exit status it returns."""
+    if os.environ.get("JGOAT_ESTIMATE_DEVICES") == str(n):
+        raise JgoatError(f"--mesh needs {_devices(n)}; the CPU platform did not provide them")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "JGOAT_ESTIMATE_DEVICES": str(n)}
+    sys.stdout.flush()
+    return subprocess.run([sys.executable, "-m", "jgoat", *argv], env=env, check=False).returncode
 
 
 def _as_float32(tree):
@@ -886,6 +908,9 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[trainer.Callback]
     try:
         args = build_parser().parse_args(argv)
         if args.command == "estimate-memory":
+            needed = math.prod(mesh_sizes(args.mesh).values())
+            if needed > jax.device_count():
+                return _estimate_on_cpu_devices(argv, needed)
             estimate_memory(args)
             return 0
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,6 +4,10 @@ Everything is abstract (``jax.eval_shape`` + ``jit(...).lower(...).compile()``):
 on a laptop CPU. The numbers are what XLA plans for the backend it compiles for (the default backend unless
 ``backend=`` says otherwise): arguments (params, adapters, optimizer state, batch), outputs, and temporaries
 (activations kept for the backward, workspace).
+
+With a ``mesh`` (``jgoat.mesh(fsdp=8)``) the step is the sharded one ``jgoat train --mesh`` runs (params, adapters
+and optimizer state placed by :func:`jgoat.shardings`, the batch split over data×fsdp) and every figure is per
+device: what one chip of that slice must hold.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import jgoat
+from jgoat import sharding
 from jgoat.core import AdapterConfig
 from jgoat.errors import JgoatError
 from jgoat.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
@@ -63,6 +68,7 @@ def estimate_llama_training(
     seq_len: int,
     learning_rate: float = 1e-4,
     quantize: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> MemoryEstimate:
     """Compile (abstractly) one jgoat train step of a decoder LM and return XLA's memory/FLOP analysis.
 
@@ -73,11 +79,17 @@ def estimate_llama_training(
       batch_size, seq_len: the token batch.
       quantize: QLoRA: store the base's linear kernels as NF4 with double quantisation (``jgoat.quantize_nf4``,
         "all-linear": lm_head and embeddings stay in ``param_dtype``) before wrapping; needs an adapter.
+      mesh: plan the sharded step on this mesh (bytes and FLOPs per device); `batch_size` must be divisible by its
+        data×fsdp size.
 
     Returns:
       A MemoryEstimate; ``peak_bytes`` is the figure to compare with the device memory. Train state and batch are
       donated, as a real training loop does.
     """
+    split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % split:
+        raise JgoatError(f"batch size {batch_size} is not divisible by the data×fsdp = {split} devices it is split "
+                         "over: use a multiple of it")
     model = LlamaForCausalLM(model_config)
     ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(ids.shape, ids.dtype))["params"])
@@ -101,7 +113,13 @@ def estimate_llama_training(
         out, aux = jgoat.apply(model.apply)({"params": p}, batch["ids"], batch["mask"], aux_mask=batch["mask"])
         return causal_lm_loss(out.logits, batch["labels"]), aux
 
-    step = jax.jit(functools.partial(jgoat.train_step, loss_fn=loss_fn, tx=tx), donate_argnums=(0,))
+    step_fn = functools.partial(jgoat.train_step, loss_fn=loss_fn, tx=tx)
+    if mesh is None:
+        step = jax.jit(step_fn, donate_argnums=(0,))
+    else:
+        trainable_sh, frozen_sh = jgoat.split(sharding.shardings(wrapped, mesh))
+        state_sh = sharding.state_shardings(tx, trainable, trainable_sh, mesh)
+        step = sharding.sharded_step(step_fn, mesh, state_sh, frozen_sh)
     batch = {"ids": ids, "mask": ids, "labels": ids}
     compiled = step.lower(state, frozen, batch, jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
     mem = compiled.memory_analysis()
