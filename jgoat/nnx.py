@@ -401,7 +401,7 @@ def update(model: nnx.Module, tree: PyTree, *, rngs: nnx.Rngs | None = None) -> 
     for path, module in modules.items():  # modules_to_save: SavedParam exactly under the marked modules
         train = any(path[: len(p)] == p for p in saved)
         for name, var in list(vars(module).items()):
-            if isinstance(var, nnx.Param) and isinstance(var, SavedParam) != train:
+            if type(var) is (nnx.Param if train else SavedParam):  # a user's own Param subclasses stay as they are
                 kind = SavedParam if train else nnx.Param
                 setattr(module, name, kind(var.get_raw_value(), **var.get_metadata()))
 

@@ -688,6 +688,7 @@ def test_named_adapter_training_and_errors():
 def test_named_adapters_save_restore_and_peft_export(tmp_path):
     x = _x()
     tree, model = _named_twin(x)
+    assert jn.summary(model) == jgoat.summary(tree) and "g (goat)" in jn.summary(model)
     jn.save(tmp_path / "ckpt", model, step=3)
     fresh = _twin(LinenMLP(), NnxMLP, x)[1]
     for i, (name, cfg) in enumerate(NAMED.items()):
