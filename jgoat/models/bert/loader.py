@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -23,8 +24,10 @@ from jgoat.models.hf import (
     canonical_key,
     canonical_keys,
     checkpoint_files,
+    flat_shardings,
     hf_key,
     init_head_leaf,
+    place,
     read_matching,
 )
 
@@ -43,11 +46,13 @@ def load_encoder(
     param_dtype: Any = None,
     key: jax.Array | None = None,
     output_loading_info: bool = False,
+    shardings: Callable[[Any], Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any], BertConfig] | tuple[nn.Module, dict[str, Any], BertConfig, LoadingInfo]:
     """Builds :class:`BertForSequenceClassification` (task ``"sequence-classification"``, the default) or
     :class:`BertModel` (``"base"``) and its params from a HF checkpoint folder (``jgoat.models.from_pretrained``
     calls it; see there for the arguments). Head / pooler parameters absent from the checkpoint are initialised as HF
-    does, from `key`, and reported."""
+    does, from `key`, and reported. ``shardings`` (abstract params tree -> tree of jax Shardings) builds each param
+    straight onto its shards."""
     folder = pathlib.Path(folder)
     task = "sequence-classification" if task is None else task
     if task not in TASKS:
@@ -63,6 +68,7 @@ def load_encoder(
     canonical = canonical_keys(files, lambda ck: canonical_key(ck, prefix))
 
     want_shapes = traverse_util.flatten_dict(shapes)
+    placement = flat_shardings(shardings, shapes)
 
     def hf_name_transposed(fpath: tuple[str, ...]) -> tuple[str, bool]:
         return hf_key(fpath[1:] if fpath[0] == prefix else fpath)
@@ -71,13 +77,14 @@ def load_encoder(
         files, canonical, want_shapes, lambda p: hf_name_transposed(p)[0],
         torch_shape=lambda p, shape: shape[::-1] if hf_name_transposed(p)[1] else shape,
         from_torch=lambda p, a: a.T if hf_name_transposed(p)[1] else a,
-        param_dtype=param_dtype,
+        param_dtype=param_dtype, shardings=placement,
         what=f"{folder} as {config.model_type} {task} (HF keys, with or without the '{prefix}.' prefix)")
 
     key = jax.random.key(0) if key is None else key
     for i, (fpath, _) in enumerate(to_init):
         leaf_key = jax.random.fold_in(key, i)
-        flat[fpath] = init_head_leaf(leaf_key, fpath[-1], want_shapes[fpath], config.initializer_range)
+        flat[fpath] = place(init_head_leaf(leaf_key, fpath[-1], want_shapes[fpath], config.initializer_range),
+                            None if placement is None else placement[fpath])
     info = LoadingInfo(newly_initialized=[name for _, name in to_init], unused=sorted(set(files) - used))
     if info.newly_initialized:
         logger.warning("Newly initialised (not in %s): %s", folder, ", ".join(info.newly_initialized))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jgoat.models.formats import empty_aligned, transpose_into
 from jgoat.models.hf import (
     DECODER_BUFFER_SUFFIXES,
     LoadingInfo,
@@ -22,6 +22,8 @@ from jgoat.models.hf import (
     canonical_keys,
     checkpoint_files,
     decoder_hf_key,
+    flat_shardings,
+    read_leaf,
 )
 from jgoat.models.llama.config import DECODER_TASKS, LlamaConfig
 from jgoat.models.llama.modules import LlamaForCausalLM
@@ -39,12 +41,15 @@ def load_causal_lm(
     scan_layers: bool = True,
     remat_policy: str | None = None,
     output_loading_info: bool = False,
+    shardings: Callable[[Any], Any] | None = None,
 ):
     """Builds :class:`LlamaForCausalLM` and its params from a HF checkpoint folder (``jgoat.models.from_pretrained``
     calls it).
 
-    Tensors are streamed one at a time: each stacked (scanned) param is a preallocated host array filled layer by
-    layer (linears transposed from torch's ``[out, in]``), then moved to the device once.
+    Tensors are streamed one at a time (:func:`jgoat.models.hf.read_leaf`): each param's device blocks are host
+    buffers filled layer by layer for a stacked (scanned) param (linears transposed from torch's ``[out, in]``), then
+    handed to their devices. ``shardings`` maps the abstract params tree to a tree of jax Shardings (e.g.
+    ``jgoat.shardings`` on a mesh): each param is then built straight onto its shards.
     """
     folder = pathlib.Path(folder)
     if task not in DECODER_TASKS:
@@ -57,6 +62,7 @@ def load_causal_lm(
     model = LlamaForCausalLM(config)
     dummy_1x1 = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_1x1))["params"]
+    placement = flat_shardings(shardings, shapes)
 
     files = checkpoint_files(folder)
     canonical = canonical_keys(files, canonical_decoder_key)
@@ -84,17 +90,9 @@ def load_causal_lm(
                 ok = False
         if not ok or missing or mismatched:
             continue  # keep checking, load nothing more
-        buffer = empty_aligned(want.shape, np_dtype)
-        for j, name in enumerate(names):
-            array = reader.read(files[canonical[name]], canonical[name])
-            target = buffer[j] if stacked else buffer
-            if transpose:
-                transpose_into(target, array)  # tiled: ~3x faster than target[...] = array.T on big matrices
-            else:
-                target[...] = array
-        # device_put adopts an aligned host buffer on the CPU backend (jnp.asarray would copy it: 2x peak memory).
-        flat[fpath] = jax.device_put(buffer)
-        del buffer
+        flat[fpath] = read_leaf(reader, [(files[canonical[n]], canonical[n]) for n in names], want.shape, np_dtype,
+                                perm=tuple(reversed(range(len(per_layer)))) if transpose else None, stacked=stacked,
+                                sharding=None if placement is None else placement[fpath])
     if missing or mismatched:
         lines = [f"missing: {name}" for name in missing] + [f"shape mismatch: {m}" for m in mismatched]
         raise ValueError(f"Cannot load {folder} as {config.model_type} {task} (HF keys):\n  " + "\n  ".join(lines))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,8 @@ from jgoat.models.hf import (
     LoadingInfo,
     canonical_keys,
     checkpoint_files,
+    flat_shardings,
+    place,
     read_matching,
     vision_from_torch,
     vision_hf_key,
@@ -47,6 +50,7 @@ def load_vision_model(
     param_dtype: Any = None,
     key: jax.Array | None = None,
     output_loading_info: bool = False,
+    shardings: Callable[[Any], Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any], VisionConfig] | tuple[nn.Module, dict[str, Any], VisionConfig, LoadingInfo]:
     """Builds a jgoat CLIP vision / ViT model and its params from a HF checkpoint folder (no torch).
 
@@ -66,6 +70,8 @@ def load_vision_model(
       param_dtype: parameter dtype (default ``dtype``).
       key: PRNG key for head / pooler parameters missing from the checkpoint (default ``jax.random.key(0)``).
       output_loading_info: also return a :class:`~jgoat.models.hf.LoadingInfo` (HF names, without prefix).
+      shardings: abstract params tree -> tree of jax Shardings (e.g. ``jgoat.shardings`` on a mesh): each param
+        is built straight onto its shards (:func:`jgoat.models.hf.read_leaf`); None: the default device.
 
     Returns:
       ``(model, params, config)`` (plus ``LoadingInfo`` if asked); run with
@@ -108,11 +114,12 @@ def load_vision_model(
     canonical = canonical_keys(files, lambda ck: None if ck in ignored else ck.removeprefix(prefix + "."))
 
     want_shapes = traverse_util.flatten_dict(shapes)
+    placement = flat_shardings(shardings, shapes)
     flat, used, to_init = read_matching(
         files, canonical, want_shapes, lambda p: vision_hf_key(p[1:] if p[0] == prefix else p),
         torch_shape=lambda p, shape: vision_torch_shape(shape, p[-1]),
         from_torch=lambda p, a: vision_from_torch(a, p[-1]),
-        param_dtype=param_dtype,
+        param_dtype=param_dtype, shardings=placement,
         what=f"{folder} as {model_type} {task} (HF keys, with or without the '{prefix}.' prefix)")
 
     key = jax.random.key(0) if key is None else key
@@ -124,6 +131,7 @@ def load_vision_model(
             flat[fpath] = (std * normal).astype(shape_dtype.dtype)
         else:
             flat[fpath] = jnp.zeros(shape_dtype.shape, shape_dtype.dtype)
+        flat[fpath] = place(flat[fpath], None if placement is None else placement[fpath])
     info = LoadingInfo(newly_initialized=[name for _, name in to_init], unused=sorted(set(files) - used))
     if info.newly_initialized:
         logger.warning("Newly initialised (not in %s): %s", folder, ", ".join(info.newly_initialized))
