@@ -27,9 +27,8 @@ sharding, B [r, out] its output sharding, the rank dim is replicated; GOAT's exp
 dim) gets it on its largest in/out dim where it divides, so fsdp=N divides adapters and their optimizer state too.
 NF4 kernels shard their flat codes and block absmax over the kernel's mesh axes together.
 
-Known limit: ``jgoat.fingerprint`` (used by save/restore) reshapes each base leaf to 1-D before sampling it; for a
-leaf sharded on a non-leading dim XLA replicates that leaf on every device for the moment of the reshape (one leaf at
-a time, never the whole model).
+``jgoat.fingerprint`` (used by save/restore) samples each base leaf with per-dim indices, so a sharded leaf is read
+where it lies (no all-gather). ``jgoat.fit(..., mesh=...)`` and ``jgoat train --mesh`` train with these helpers.
 """
 
 from __future__ import annotations
