@@ -804,3 +804,28 @@ def test_bridge_model_error_and_linen_path():
     _assert_close(out, want_out)
     _assert_close(aux, want_aux)
     _assert_close(grads, want_grads)
+
+
+def test_named_adapters_on_scanned_layers_equal_linen():
+    """Named adapters on nnx.vmap-built layers run by nnx.scan (stacked slots [3, ...]), one per example, against
+    jgoat.apply on linen's nn.scan twin: outputs, aux and loads."""
+    x = _x((3, 5, 16))
+    linen = ScannedMLP(width=16, hidden=32, layers=3)
+    params, model = _twin(linen, NnxScanned, x)
+    tree = params
+    for i, (name, cfg) in enumerate(NAMED.items()):
+        tree = jgoat.wrap(tree, cfg, key=jax.random.key(10 + i), name=name)
+        jn.wrap(model, cfg, key=jax.random.key(10 + i), name=name)
+    tree = jax.tree.map(lambda n: n.replace(B=n.B + 0.3) if isinstance(n, jgoat.LoraAdapter | jgoat.GoatAdapter)
+                        else n, tree, is_leaf=lambda n: isinstance(n, jgoat.LoraAdapter | jgoat.GoatAdapter))
+    jn.update(model, tree)
+    slots = model.layers.down.jgoat
+    assert slots.g.A.get_value().shape[0] == 3 and slots.aux.get_value().shape == (3,)
+    choice, ids = ("a", "g", None), jnp.array([1, 0, 2])
+    got = nnx.jit(lambda m, x, i: jn.apply(m, x, adapter=choice, adapter_ids=i, collect_load=True))(model, x, ids)
+    want = jgoat.apply(linen.apply, adapter=choice)({"params": tree}, x, adapter_ids=ids)
+    _assert_close(got[:2], want)
+    assert float(got[1]) > 0.0
+    # linen's toy scan does not carry 'jgoat_load'; here each layer's load of g (its own rows) sums to 1
+    assert sorted(got[2]) == ["layers/down:g"]
+    np.testing.assert_allclose(got[2]["layers/down:g"].sum(-1), np.ones(3), rtol=1e-6)
