@@ -6,9 +6,10 @@
 * no jgoat module imported inside a function (a delayed import hides a cycle; only optional heavy third-party
   packages such as torch, matplotlib, PIL, datasets or transformers may be imported lazily);
 * adapters import only the core, the hooks and each other; the models' configs, modules and loaders import only the
-  core, the hooks and the models (``jgoat.models.io`` merges adapters, ``jgoat.models.llama.generation`` runs them
-  through ``jgoat.apply`` and ``jgoat.models.auto`` loads onto a mesh with ``jgoat.sharding``'s partition rules, so
-  those three, and the package facades re-exporting them, sit above ``jgoat.apply``).
+  core, the hooks, ``jgoat.hub`` (Hub downloads; it imports nothing of jgoat but the errors) and the models
+  (``jgoat.models.io`` merges adapters, ``jgoat.models.llama.generation`` runs them through ``jgoat.apply`` and
+  ``jgoat.models.auto`` loads onto a mesh with ``jgoat.sharding``'s partition rules, so those three, and the package
+  facades re-exporting them, sit above ``jgoat.apply``).
 
 Each check is also run on a small synthetic package, so that a broken walker cannot pass by finding nothing.
 """
@@ -21,7 +22,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CORE = ("jgoat.core", "jgoat.hooks", "jgoat.errors")
+CORE = ("jgoat.core", "jgoat.hooks", "jgoat.errors", "jgoat.hub")  # jgoat.hub imports only jgoat.errors
 # Above jgoat.apply although inside jgoat.models: they run or merge adapters (see the module docstring).
 MODEL_USERS = ("jgoat.models", "jgoat.models.auto", "jgoat.models.io", "jgoat.models.llama",
                "jgoat.models.llama.generation")

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.flax
 
+from jgoat import hub
 from jgoat.adapters import (
     ADAPTER_TYPES,
     DoraAdapter,
@@ -257,6 +258,7 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     layouts: Mapping[str, Layout] | None = None,
     adapter: str | None = None,
+    push_to_hub: str | None = None,
 ) -> None:
     """Write the adapters of a wrapped tree as an HF PEFT adapter folder (``PeftModel.from_pretrained`` reads it).
 
@@ -271,6 +273,8 @@ def export_peft(
       layouts: optional `Layout` per module path, only needed for ``modules_to_save`` kernels that are not
         [*layers, in, out] (adapters carry their own shapes).
       adapter: for a tree of named adapters, the one to export (required there).
+      push_to_hub: a Hub repo id (``owner/name``) to upload the written folder to (created if missing; needs a
+        network and a token, see :mod:`jgoat.hub`). A failed upload raises after the folder is written, keeping it.
 
     Raises:
       ValueError: GOAT adapters, no adapter, adapters of another method than ``cfg``, DoRA mixed with LoRA, two
@@ -284,6 +288,8 @@ def export_peft(
     if not isinstance(cfg, _PEFT_CONFIGS):
         raise ValueError("export_peft needs the jgoat.LoraConfig / KasaConfig / GoraConfig / IA3Config the tree was "
                          f"wrapped with, got {type(cfg).__name__}")
+    if push_to_hub is not None:
+        hub.check_push_target(push_to_hub)
     torch_name = torch_name or default_torch_name
     tree = to_dict(one_adapter(tree, adapter))
     found = all_adapters(tree)
@@ -360,6 +366,8 @@ def export_peft(
         json.dump(config, f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, PEFT_NAMES_FILE), "w") as f:
         json.dump({"format": _NAMES_FORMAT, "format_version": 1, "names": recorded}, f, indent=2, sort_keys=True)
+    if push_to_hub is not None:
+        hub.push_folder(out_dir, push_to_hub)
 
 
 def _recorded_names(in_dir: str | os.PathLike) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]] | None:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jgoat import hub
 from jgoat.models.formats import TensorReader, checkpoint_files, empty_aligned, transpose_into
 from jgoat.models.gguf import converted
 
@@ -98,7 +99,10 @@ def minilm_path() -> pathlib.Path:
 
 
 def model_folder(path: str | os.PathLike) -> pathlib.Path:
-    """The folder itself, or for a ``.gguf`` file its converted HF folder (:func:`jgoat.models.gguf.converted`)."""
+    """The folder itself, for a ``.gguf`` file its converted HF folder (:func:`jgoat.models.gguf.converted`), or for
+    a Hub repo id (``owner/name``, not a local path) its snapshot in huggingface_hub's cache (:mod:`jgoat.hub`)."""
+    if not os.path.exists(path) and hub.is_repo_id(os.fspath(path)):
+        return hub.resolve_model(path)
     path = pathlib.Path(path)
     return converted(path) if path.suffix == ".gguf" and path.is_file() else path
 
