@@ -136,26 +136,58 @@ def _eval_sums(task_kind: str, model, params, batch):
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(correct), jnp.sum(valid), load
 
 
-def evaluate(task: Task, params, batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Eval metrics over the whole eval split and the mean GOAT expert load per layer.
+def length_sorted_batches(split: ArraySplit | ImageSplit, batch_size: int) -> list[tuple[np.ndarray, int | None]]:
+    """Eval batches of similar length: ``(example indices, row length)`` pairs, examples sorted by length (the
+    position after their last real token; stable) and cut into batches, each trimmed to the shortest of T/8, T/4,
+    T/2, T (rounded up to a multiple of 8) that holds its longest example. Trimming drops only padding (masked keys,
+    no counted label), so the eval sums are those of the full rows up to float rounding, at a fraction of the
+    padded FLOPs; the four lengths bound the compiles. Image splits (no mask) and left-padded rows (their length is
+    T): in order / untrimmed, the row length None."""
+    if not isinstance(split, ArraySplit) or "mask" not in split.arrays:
+        return _in_order(len(split), batch_size)
+    mask = np.asarray(split.arrays["mask"]) != 0
+    T = mask.shape[1]
+    lengths = np.where(mask.any(axis=1), T - np.argmax(mask[:, ::-1], axis=1), 1)
+    buckets = sorted({min(T, -(-(T >> k) // 8) * 8) for k in range(4)})
+    order = np.argsort(lengths, kind="stable")
+    batches = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batches.append((idx, next(b for b in buckets if b >= lengths[idx].max())))
+    return batches
+
+
+def _in_order(n: int, batch_size: int) -> list[tuple[np.ndarray, None]]:
+    return [(np.arange(s, min(s + batch_size, n)), None) for s in range(0, n, batch_size)]
+
+
+def evaluate(task: Task, params, batch_size: int, *, bucketed: bool = True
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Eval metrics over the whole eval split and the GOAT expert load per layer (over all eval tokens: each
+    batch's load weighted by its real tokens, or examples for images).
 
     classify / image: accuracy and mean cross-entropy per example; sft: mean cross-entropy per response token
-    (``loss``), its ``perplexity`` and next-token ``accuracy`` on response tokens.
+    (``loss``), its ``perplexity`` and next-token ``accuracy`` on response tokens. `bucketed`: text batches of
+    similar length, trimmed (:func:`length_sorted_batches`); False: in order, full rows.
     """
     total = np.zeros(3)
-    loads = []
-    starts = range(0, len(task.eval), batch_size)
-    bar = tqdm(starts, desc="    eval", leave=False, dynamic_ncols=True, disable=None if len(starts) > 1 else True)
-    for start in bar:  # disable=None: shown on a terminal only
-        batch = task.eval.batch(np.arange(start, min(start + batch_size, len(task.eval))))
+    loads, weights = [], []
+    batches = (length_sorted_batches if bucketed else lambda split, b: _in_order(len(split), b))(task.eval, batch_size)
+    bar = tqdm(batches, desc="    eval", leave=False, dynamic_ncols=True, disable=None if len(batches) > 1 else True)
+    for idx, length in bar:  # disable=None: shown on a terminal only
+        batch = task.eval.batch(idx)
+        if length is not None:
+            batch = {k: v[:, :length] if v.ndim == 2 else v for k, v in batch.items()}
         *values, load = _eval_sums(task.kind, task.model, params, batch)
         total += [float(v) for v in values]
         loads.append(load)
+        weights.append(float(np.sum(batch["mask"])) if "mask" in batch else float(len(idx)))
     count = max(total[2], 1.0)
     metrics = {"loss": total[0] / count, "accuracy": total[1] / count}
     if task.kind == "sft":
         metrics["perplexity"] = float(np.exp(metrics["loss"]))
-    load = {k: np.mean([np.asarray(x[k]) for x in loads], axis=0) for k in loads[0]} if loads else {}
+    load = ({k: np.average([np.asarray(x[k]) for x in loads], axis=0, weights=weights) for k in loads[0]}
+            if loads else {})
     return metrics, load
 
 

@@ -456,3 +456,29 @@ def test_packed_sft_sigkill_resume_is_exact(tmp_path, tokenizer):
     assert steps < 3 * 56 // 4  # 56 train examples packed into fewer rows than examples
     assert [(r["step"], r.get("task_loss"), r.get("eval/loss")) for r in rows_b] == \
         [(r["step"], r.get("task_loss"), r.get("eval/loss")) for r in rows_a]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# length-bucketed eval
+
+
+def test_length_sorted_eval_batches_trim_padding_and_keep_the_metrics():
+    padded, packed = batches()
+    split = tasks.ArraySplit(padded)
+    plan = tasks.length_sorted_batches(split, 4)
+    assert sorted(i for idx, _ in plan for i in idx) == list(range(len(LENGTHS)))
+    lengths = [min(n, MAX_LENGTH) for n in LENGTHS]
+    for idx, length in plan:  # shortest bucket of T/8, T/4, T/2, T rounded up to 8 that holds the batch
+        assert length == next(b for b in (8, 8, 16, 24) if b >= max(lengths[i] for i in idx))
+    assert [length for _, length in plan] == [8, 24, 24]  # sorted by length: 2,3,5,7 | 8,11,13,17 | 24,24(30)
+    assert tasks.length_sorted_batches(tasks.ArraySplit({"labels": np.zeros(5)}), 2)[-1][1] is None
+    params = wrapped("goat")
+    for arrays in (padded, packed):
+        task = tasks.Task("sft", model(), params, tasks.ArraySplit(arrays), tasks.ArraySplit(arrays), (), "toy")
+        (m_sorted, load_sorted), (m_order, load_order) = (tasks.evaluate(task, params, 4, bucketed=b)
+                                                          for b in (True, False))
+        assert m_sorted.keys() == m_order.keys()
+        for k in m_order:
+            _rel_close(m_sorted[k], m_order[k])
+        for path in load_order:  # the load over all eval tokens does not depend on the batching
+            _rel_close(load_sorted[path], load_order[path])
