@@ -517,6 +517,43 @@ def run_families(report):
     report["families"] = out
 
 
+def run_estimate(report):
+    """jgoat.memory's plan of the sharded step on fsdp=8 against the one-device plan (tiny Llama, every dim divisible
+    by 8): XLA's per-device argument bytes, and the same bytes counted here from each argument's shard shape."""
+    from jgoat.memory import estimate_llama_training
+
+    llama = dataclasses.replace(LLAMA, intermediate_size=48)
+    mesh = jgoat.mesh(data=1, fsdp=8)
+    tx = optax.adamw(1e-4)
+    out = {}
+    for name, adapter in (("goat", jgoat.GoatConfig(rank=8, experts=4, top_k=2, targets="all-linear")),
+                          ("full", None)):
+        one = estimate_llama_training(llama, adapter, batch_size=BATCH, seq_len=SEQ)
+        eight = estimate_llama_training(llama, adapter, batch_size=BATCH, seq_len=SEQ, mesh=mesh)
+        model = LlamaForCausalLM(llama)
+        params = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), jnp.zeros((BATCH, SEQ), jnp.int32))
+        params = params["params"]
+        wrapped = jax.eval_shape(functools.partial(jgoat.mark_trainable, modules=sorted(params)) if adapter is None
+                                 else functools.partial(jgoat.wrap, cfg=adapter, key=jax.random.key(0)), params)
+        trainable, frozen = jgoat.split(wrapped)
+        t_sh, f_sh = jgoat.split(jgoat.shardings(wrapped, mesh))
+        state = jax.eval_shape(functools.partial(jgoat.TrainState.create, tx=tx), trainable)
+        state_sh = jgoat.state_shardings(tx, trainable, t_sh, mesh)
+
+        def shard_bytes(tree, shardings):
+            return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                       for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
+
+        batch = 3 * BATCH * SEQ * 4 // 8 + 8  # ids, mask, labels int32 split over 8; the replicated rng key
+        full_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state, frozen)))
+        eight_bytes = shard_bytes(state, state_sh) + shard_bytes(frozen, f_sh)
+        out[name] = {"one_argument": one.argument_bytes, "eight_argument": eight.argument_bytes,
+                     "counted_one": full_bytes + 3 * BATCH * SEQ * 4 + 8, "counted_eight": eight_bytes + batch,
+                     "one_peak": one.peak_bytes, "eight_peak": eight.peak_bytes,
+                     "trainable": [one.trainable_params, eight.trainable_params]}
+    report["estimate"] = out
+
+
 def main(out_path: str, parts: list[str]):
     assert jax.device_count() == 8, jax.devices()
     report = {"equivalence": {}, "memory": {}}
@@ -528,4 +565,4 @@ def main(out_path: str, parts: list[str]):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else
-         ["equivalence", "memory", "checkpoint", "errors", "user_rules", "families", "accumulate"])
+         ["equivalence", "memory", "checkpoint", "errors", "user_rules", "families", "accumulate", "estimate"])
