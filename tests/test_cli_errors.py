@@ -68,7 +68,7 @@ CASES = [  # (extra argv, a piece of the message that names the culprit)
     (["--eval-data", "glue/sst2"], "--eval-data glue/sst2: not a local file or folder"),
     (["--model", "meta-llama/Llama-2-7b-hf"], "--model meta-llama/Llama-2-7b-hf: not a local folder, and `jgoat "
                                               "train` does not download from the Hugging Face Hub (it runs offline): "
-                                              "download it first (huggingface-cli download meta-llama/Llama-2-7b-hf "
+                                              "download it first (hf download meta-llama/Llama-2-7b-hf "
                                               "--local-dir DIR) and pass --model DIR"),
     ("length.yaml", "length.yaml: gives both 'steps' and 'epochs': keep one of them"),
     ("mesh.json", "--mesh data=4,fsdp=2: data×fsdp×tensor×expert = 4×2×1×1 = 8, not the 1 device here"),
