@@ -12,7 +12,7 @@ import os
 import pathlib
 import re
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, is_offline_mode, snapshot_download
 from huggingface_hub.errors import HFValidationError
 
 from jgoat.errors import JgoatError
@@ -41,7 +41,7 @@ def check_push_target(repo_id: str) -> None:
 
 def _unreachable(name: str, err: Exception, what: str) -> JgoatError:
     reason = " ".join(str(err).split())[:240] or type(err).__name__
-    offline = " (HF_HUB_OFFLINE is set: only cached repos resolve)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    offline = " (HF_HUB_OFFLINE is set: only cached repos resolve)" if is_offline_mode() else ""
     kind = " --repo-type dataset" if what == "dataset" else ""
     return JgoatError(f"{name!r} is not a local folder and the Hugging Face Hub could not provide the {what}"
                       f"{offline}: {reason}. Pass a local folder instead, e.g. one written where there is a network "
