@@ -96,21 +96,27 @@ class AdapterConfig:
       dropout: adapter dropout on the adapter input only (active when a 'dropout' rng is passed to apply).
       compute_dtype: the dtype policy of the adapter maths (one of :data:`COMPUTE_DTYPES`; a dtype such as
         ``jnp.bfloat16`` is accepted and stored by name). Every matmul of the adapter on activations (x·A, h·B, the
-        residual offsets, GOAT's experts, DoRA's / (IA)³'s product with the frozen kernel) takes its operands in
-        this dtype and accumulates in float32 (``preferred_element_type=float32``); the float32 results combine
-        with the adapter's small float32 factors (scalings, gates, DoRA's gain) in float32 and the update is cast
-        to the layer's output dtype once. ``"auto"`` (the default) is the dtype of the layer's input activations:
-        a bf16 model moves bf16 activations through its adapters (no fp32 copy of x per targeted layer, saved for
-        the backward pass), while a float32 model computes exactly as before, bit for bit (float32 operands with
-        float32 accumulation are the same dot products). ``"float32"`` reproduces jgoat's earlier behaviour for
-        every model (activations upcast to float32). Always float32 whatever the policy: the parameters and the
-        optimizer state (the policy only casts copies inside the forward), GOAT's router logits (float32 inputs:
-        bf16 activations upcast exactly), softmax, top-k and aux loss, weight-sized maths (merges, DoRA's column
-        norms) and element-wise scalings such as (IA)³'s out-side vector (fused by XLA, so float32 costs no extra
-        memory traffic there, while a bf16 l ≈ 1 would round away updates below 2^-8).
+        residual offsets, GOAT's experts and router, DoRA's / (IA)³'s product with the frozen kernel) takes its
+        operands in this dtype and accumulates in float32 (``preferred_element_type=float32``), in the forward and
+        the backward pass (:func:`einsum`: the cotangent is rounded once to this dtype, as mixed-precision autocast
+        does); the float32 results combine with the adapter's small float32 factors (scalings, gates, DoRA's gain)
+        in float32 and the update is cast to the layer's output dtype once. ``"auto"`` (the default) is the dtype
+        of the layer's input activations: a bf16 model moves bf16 activations through its adapters (no float32
+        copy of x per targeted layer, none kept for the backward pass), which is what a bf16 user expects, while a
+        float32 model computes exactly as before, bit for bit (float32 operands with float32 accumulation are the
+        same dot products, autodiff unchanged), so the default is no silent change for float32 models.
+        ``"float32"`` reproduces jgoat's earlier behaviour for every model (activations upcast to float32).
+        Always float32 whatever the policy: the parameters and the optimizer state (the policy only casts copies
+        inside the forward; their gradients come back float32), GOAT's router logits (float32-accurate: see
+        ``jgoat.adapters.goat``), softmax, top-k and aux loss, weight-sized maths (merges, DoRA's column norms) and
+        element-wise scalings such as (IA)³'s vector (fused by XLA, so float32 costs no extra memory traffic there,
+        while a bf16 l ≈ 1 would round away updates below 2^-8).
 
     The policy lives in the config only (one source of truth): ``init`` copies it onto each adapter node as a static
-    field, as it does ``scale`` and ``dropout``; :func:`resolve_compute_dtype` turns it into a dtype.
+    field, as it does ``scale`` and ``dropout``; :func:`resolve_compute_dtype` turns it into a dtype. A per-config
+    field rather than a global setting keeps every function pure and lets adapters of different precision share a
+    tree (named adapters). Bottleneck adapters (whose params are plain arrays read by the models' hook points) follow
+    "auto".
     """
 
     targets: str | Sequence[str] = "all-linear"

@@ -5,7 +5,8 @@
 For each method it prints, side by side, XLA's memory plan (temporaries, and the peak: arguments + temporaries +
 un-aliased outputs) and its cost analysis (FLOPs, bytes accessed) of the jitted ``jgoat.train_step`` (AdamW, train
 state donated). Shapes are abstract (nothing is allocated) and the compile is XLA's CPU one: these are compiled-plan
-numbers, not timings — CPU wall time says nothing about bf16 on an accelerator (the CPU backend emulates bf16 dots).
+numbers, not timings — CPU wall time says nothing about bf16 on an accelerator. Layers are unrolled (XLA's cost
+analysis counts a while-loop body once) and not rematerialised (the adapters' saved activations show in the plan).
 
     .venv/bin/python scripts/bench_dtype.py [--hidden 2048] [--intermediate 5632] [--layers 1] [--seq 1024]
         [--batch 4] [--out BENCH_dtype.md]
@@ -66,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=512, help="small, so the LM head does not dominate the step")
@@ -77,11 +78,11 @@ def main() -> None:
     model_config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                                num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                num_key_value_heads=args.kv_heads, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                               scan_layers=True, max_position_embeddings=max(args.seq, 2048))
+                               scan_layers=False, max_position_embeddings=max(args.seq, 2048))
     lines = [
         f"bf16 Llama-shaped step: {args.layers} layer(s), hidden {args.hidden}, MLP {args.intermediate}, heads "
         f"{args.heads}/{args.kv_heads}, vocab {args.vocab}, batch {args.batch} x {args.seq}; adapters on "
-        f"{', '.join(TARGETS)}; AdamW, params and optimizer state float32. XLA CPU compile "
+        f"{', '.join(TARGETS)} (unrolled layers, no remat); AdamW, params and optimizer state float32. XLA CPU compile "
         f"({jax.default_backend()}, jax {jax.__version__}): compiled-plan numbers, not timings.",
         "",
         "| method | temp MiB f32-cast | temp MiB auto | peak MiB f32-cast | peak MiB auto | GB accessed f32-cast "

@@ -30,6 +30,7 @@ import pytest
 import jgoat
 from jgoat.adapters import gora, ia3, init_fn
 from jgoat.adapters.base import Context
+from jgoat.core import ADAPTER_KEY, map_slots
 from jgoat.hooks import bottleneck_delta
 from jgoat.models import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 
@@ -60,19 +61,22 @@ def _make(name: str):
     if name in ("ia3_ff", "ia3_out"):
         node = ia3.init(ia3.IA3LayerConfig(feedforward=name == "ia3_ff"), w, key)
         return node.replace(l=1.0 + _normal(6, node.l.shape, 0.1))
-    cfg = {
-        "lora": jgoat.LoraConfig(rank=8, alpha=16),
-        "rslora": jgoat.LoraConfig(rank=8, alpha=16, use_rslora=True),
-        "pissa": jgoat.LoraConfig(rank=8, alpha=16, init="pissa"),
-        "olora": jgoat.LoraConfig(rank=8, alpha=16, init="olora"),
-        "dora": jgoat.LoraConfig(rank=8, alpha=16, use_dora=True),
-        "goat": jgoat.GoatConfig(rank=16, experts=4, top_k=2),
-        "molora": jgoat.MoLoraConfig(rank=16, experts=4, top_k=2),
-        "kasa": jgoat.KasaConfig(rank=8),
-        "lori": jgoat.LoriConfig(rank=8, alpha=16),
-    }[name]
+    cfg = _CONFIGS[name]
     node = init_fn(cfg)(cfg, w, key)
     return node if name == "goat" else _randomized_b(node)  # PiSSA / OLoRA: B moved away from its offset res_B
+
+
+_CONFIGS = {
+    "lora": jgoat.LoraConfig(rank=8, alpha=16),
+    "rslora": jgoat.LoraConfig(rank=8, alpha=16, use_rslora=True),
+    "pissa": jgoat.LoraConfig(rank=8, alpha=16, init="pissa"),
+    "olora": jgoat.LoraConfig(rank=8, alpha=16, init="olora"),
+    "dora": jgoat.LoraConfig(rank=8, alpha=16, use_dora=True),
+    "goat": jgoat.GoatConfig(rank=16, experts=4, top_k=2),
+    "molora": jgoat.MoLoraConfig(rank=16, experts=4, top_k=2),
+    "kasa": jgoat.KasaConfig(rank=8),
+    "lori": jgoat.LoriConfig(rank=8, alpha=16),
+}
 
 
 METHODS = ("lora", "rslora", "pissa", "olora", "dora", "goat", "molora", "kasa", "lori", "gora", "ia3_ff", "ia3_out")
@@ -196,23 +200,36 @@ LLAMA = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hid
 EXPERTS = 3
 
 
-def _llama_step_parts(cfg):
-    model = LlamaForCausalLM(LLAMA)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, LLAMA.vocab_size, size=(2, 8)), jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
-    wrapped = params if cfg is None else jgoat.wrap(params, cfg, key=jax.random.key(1))
-
-    def loss(p):
-        out, aux = jgoat.apply(model.apply)({"params": p}, ids)
-        return causal_lm_loss(out.logits, ids) + 1e-3 * aux
-
-    return wrapped, loss
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, LLAMA.vocab_size, size=(2, 8)), jnp.int32)
+# One wrap per method for all the Llama tests (wrap compiles each module's init): the "float32" variant is the same
+# tree with the policy replaced on every node (`_with_policy`).
+WRAPS = {"lora": jgoat.LoraConfig(rank=4, init="pissa"), "goat": jgoat.GoatConfig(rank=6, experts=EXPERTS, top_k=2)}
 
 
-def _f32_dot_shapes(cfg) -> set:
+@functools.cache
+def _llama_params():
+    return jax.jit(LlamaForCausalLM(LLAMA).init)(jax.random.key(0), IDS)["params"]
+
+
+@functools.cache
+def _wrapped(method: str):
+    return jgoat.wrap(_llama_params(), WRAPS[method], key=jax.random.key(1))
+
+
+def _with_policy(tree, compute_dtype: str):
+    return map_slots(tree, lambda node: node.replace(compute_dtype=compute_dtype))
+
+
+def _llama_loss(params):
+    out, aux = jgoat.apply(LlamaForCausalLM(LLAMA).apply)({"params": params}, IDS)
+    return causal_lm_loss(out.logits, IDS) + 1e-3 * aux
+
+
+@functools.cache
+def _f32_dot_shapes(method: str | None, compute_dtype: str = "auto") -> set:
     """Shapes of the all-float32 dots in the jaxpr of a bf16 Llama's loss and gradient (of every param)."""
-    wrapped, loss = _llama_step_parts(cfg)
-    closed = jax.make_jaxpr(jax.value_and_grad(loss))(wrapped)
+    tree = _llama_params() if method is None else _with_policy(_wrapped(method), compute_dtype)
+    closed = jax.make_jaxpr(jax.value_and_grad(_llama_loss))(tree)
     return {tuple(v.aval.shape for v in d.invars) for d in _dots(closed) if _dtypes(d) == (F32, F32)}
 
 
@@ -220,11 +237,9 @@ def _f32_dot_shapes(cfg) -> set:
 def test_bf16_llama_step_adds_no_f32_adapter_matmul(method):
     """The float32 dots of a bf16 Llama's loss-and-gradient jaxpr: under "auto" the adapters (GOAT's router
     included) add none to the base model's, under "float32" they add their own (the policy makes the difference)."""
-    make = {"lora": lambda cd: jgoat.LoraConfig(rank=4, compute_dtype=cd, init="pissa"),
-            "goat": lambda cd: jgoat.GoatConfig(rank=6, experts=EXPERTS, top_k=2, compute_dtype=cd)}[method]
     base = _f32_dot_shapes(None)
-    assert _f32_dot_shapes(make("auto")) <= base
-    assert _f32_dot_shapes(make("float32")) - base
+    assert _f32_dot_shapes(method, "auto") <= base
+    assert _f32_dot_shapes(method, "float32") - base
 
 
 # ------------------------------------------------------------------------------------------------- (b) numerics
@@ -426,29 +441,26 @@ def test_bottleneck_unchanged_for_f32(jit):
 
 @pytest.mark.parametrize("method", ["goat", "lora"])
 def test_bf16_llama_gradients_reach_f32_params(method):
-    cfg = {"goat": jgoat.GoatConfig(rank=6, experts=EXPERTS, top_k=2),
-           "lora": jgoat.LoraConfig(rank=4, init="pissa")}[method]
-    wrapped, loss = _llama_step_parts(cfg)
+    wrapped, loss = _wrapped(method), _llama_loss
     assert {node.compute_dtype for _, node in jgoat.adapters(wrapped)} == {"auto"}
     trainable, frozen = jgoat.split(wrapped)
-    leaves = jax.tree.leaves(trainable)
-    assert leaves and all(leaf.dtype == F32 for leaf in leaves)
+    assert jax.tree.leaves(trainable) and all(leaf.dtype == F32 for leaf in jax.tree.leaves(trainable))
     assert any(leaf.dtype == BF16 for leaf in jax.tree.leaves(frozen))  # the model really is bf16
-    grads = jax.jit(jax.grad(lambda t: loss(jgoat.combine(t, frozen))))(trainable)
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert g.dtype == F32 and bool(jnp.all(jnp.isfinite(g))), path
-        assert float(jnp.max(jnp.abs(g))) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
-    tx = optax.adamw(1e-3)
+    tx = optax.adam(1e-3)  # no weight decay: a leaf moves iff its gradient is non-zero (Adam: 0 / (0 + eps) = 0)
     state = jgoat.TrainState.create(trainable, tx)
 
     def loss_fn(p, batch, rng):
         return loss(p), jnp.zeros((), F32)
 
-    new, metrics = jax.jit(functools.partial(jgoat.train_step, loss_fn=loss_fn, tx=tx))(
+    new, metrics = jax.jit(functools.partial(jgoat.train_step, loss_fn=loss_fn, tx=tx, clip_norm=None))(
         state, frozen, None, jax.random.key(0))
-    assert all(leaf.dtype == F32 for leaf in jax.tree.leaves(new.trainable))
-    assert all(leaf.dtype == F32 for leaf in jax.tree.leaves(new.opt_state) if jnp.issubdtype(leaf.dtype, jnp.floating))
-    assert bool(jnp.isfinite(metrics["loss"]))
+    assert bool(jnp.isfinite(metrics["loss"])) and bool(jnp.isfinite(metrics["grad_norm"]))
+    for (path, old), leaf in zip(jax.tree_util.tree_leaves_with_path(trainable), jax.tree.leaves(new.trainable),
+                                 strict=True):
+        assert leaf.dtype == F32 and bool(jnp.all(jnp.isfinite(leaf))), path
+        assert bool(jnp.any(leaf != old)), f"no gradient reaches {jax.tree_util.keystr(path)}"
+    moments = [leaf for leaf in jax.tree.leaves(new.opt_state) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert moments and all(leaf.dtype == F32 for leaf in moments)
 
 
 # ------------------------------------------------------------------------------------------------- (e) bad values
@@ -482,9 +494,25 @@ def test_compute_dtype_given_as_dtype_is_stored_by_name(cls):
         hash(cfg)  # configs stay hashable (static args of jitted functions)
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_init_copies_the_policy_onto_the_node(name):
+    for policy in ("float16", "float32"):
+        if name in ("ia3_ff", "ia3_out"):
+            node = ia3.init(ia3.IA3LayerConfig(feedforward=name == "ia3_ff", compute_dtype=policy), _kernel(), None)
+        elif name == "gora":
+            node = gora.init(jgoat.GoraConfig(r_ref=8, compute_dtype=policy), _kernel(), jax.random.key(3),
+                             grad_IxO=None, rank=6)
+        else:
+            cfg = dataclasses.replace(_CONFIGS[name], compute_dtype=policy)
+            node = init_fn(cfg)(cfg, _kernel(), jax.random.key(3))
+        assert node.compute_dtype == policy
+
+
 def test_wrap_copies_the_policy_onto_every_node():
-    params = LlamaForCausalLM(LLAMA).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    for cfg in (jgoat.LoraConfig(rank=4, compute_dtype=jnp.bfloat16), jgoat.IA3Config(compute_dtype="float32"),
-                jgoat.GoatConfig(rank=6, experts=EXPERTS, compute_dtype="float16")):
-        nodes = jgoat.adapters(jgoat.wrap(params, cfg, key=jax.random.key(1)))
-        assert nodes and {node.compute_dtype for _, node in nodes} == {cfg.compute_dtype}
+    """Through wrap (IA³'s per-layer config included) and lori_concat."""
+    nodes = jgoat.adapters(jgoat.wrap(_llama_params(), jgoat.IA3Config(compute_dtype="float32"), key=jax.random.key(1)))
+    assert nodes and {node.compute_dtype for _, node in nodes} == {"float32"}
+    assert {node.compute_dtype for _, node in jgoat.adapters(_wrapped("lora"))} == {"auto"}
+    lori = _make("lori").replace(compute_dtype="bfloat16")
+    tree = {"dense": {"kernel": _kernel(), ADAPTER_KEY: lori}}
+    assert jgoat.lori_concat([tree, tree])["dense"][ADAPTER_KEY].compute_dtype == "bfloat16"
