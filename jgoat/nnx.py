@@ -35,6 +35,9 @@ Named adapters (``wrap(..., name=...)``) live at ``.../up/jgoat/<name>/A`` (a `N
 makes every ``nnx.Param`` of those modules a `SavedParam` (an `Adapter`, so ``wrt=jgoat.nnx.Adapter`` trains them
 and `save` stores them) and marks the module with a `SaveMarker`; `merge` turns them back into ``nnx.Param``.
 
+A linear class whose weight attribute is not ``kernel`` (tunix's ``Einsum`` holds ``w``) is registered with
+`register` (``kernel="w"``); in `params` its weight appears as ``kernel``, like every other.
+
 Not on NNX (clear errors): prompt / prefix tuning and bottleneck adapters (they need jgoat's own models' hook
 points), and modules of a linen model converted with ``nnx.bridge.ToNNX`` (linen code runs inside; wrap the linen
 params with ``jgoat.wrap`` and run ``jgoat.apply``, or write the model in NNX).
@@ -75,6 +78,7 @@ from jgoat.core import (
     iter_modules,
     map_slots,
     path_str,
+    rule_matches,
     select_targets,
     slot_names,
     to_dict,
@@ -92,6 +96,25 @@ PyTree = Any
 register_linear(nnx.Linear)
 register_linear(nnx.LinearGeneral, n_in=lambda module: len(module.axis))
 register_linear(nnx.Einsum, n_in=einsum_n_in)
+
+_KERNEL_NAMES: dict[type, str] = {}  # NNX classes registered with a weight attribute other than ``kernel``
+
+
+def register(cls: type, *, n_in=None, kernel: str = "kernel") -> None:
+    """`jgoat.register_linear` for an NNX class whose ``__call__(x)`` returns ``x · weight (+ bias)``, with the
+    weight in attribute `kernel` (e.g. tunix's ``Einsum``, weight ``w``); in `params` it appears as ``kernel``.
+
+    Args:
+      n_in: given a module, how many trailing input dims the weight contracts (default 1; ``jgoat.nnx.einsum_n_in``
+        for a class with an ``einsum_str``, whose per-layer weight ndim is then read from that string).
+      kernel: the name of the weight attribute (an ``nnx.Param``).
+    """
+    register_linear(cls, **({} if n_in is None else {"n_in": n_in}))
+    _KERNEL_NAMES[cls] = kernel
+
+
+def _kernel_name(module) -> str:
+    return next((_KERNEL_NAMES[c] for c in type(module).__mro__ if c in _KERNEL_NAMES), "kernel")
 
 
 class Adapter(nnx.LoRAParam):
@@ -201,7 +224,7 @@ def _hooked(call):
     @functools.wraps(call)
     def __call__(self, *args, **kwargs):
         slot = vars(self).get(ADAPTER_KEY)
-        kernel_var = vars(self).get("kernel")
+        kernel_var = vars(self).get(_kernel_name(self))
         node = kernel_var.get_raw_value() if isinstance(kernel_var, nnx.Variable) else None
         live = isinstance(slot, AdapterSlot | NamedSlots)
         if id(self) in _ACTIVE.get() or not (live or isinstance(node, NF4Kernel)):
@@ -317,6 +340,9 @@ def _layer_ndim(module, n_in: int) -> int | None:
         return None if module.batch_axis else len(module.in_features) + len(module.out_features)
     if isinstance(module, nnx.Einsum):
         return len(module.kernel_shape)
+    einsum = getattr(module, "einsum_str", None)
+    if isinstance(einsum, str):  # an einsum-like registered class: one layer's weight has the rhs operand's dims
+        return len(einsum.replace(" ", "").split(",")[1].split("->")[0])
     return n_in + 1
 
 
@@ -328,7 +354,7 @@ def layouts(model: nnx.Module) -> dict[str, Layout]:
     found = {}
     for path, module in _modules(model).items():
         n_in = linear_n_in(module)
-        kernel = vars(module).get("kernel")
+        kernel = vars(module).get(_kernel_name(module))
         if n_in is None or not isinstance(kernel, nnx.Variable):
             continue
         value = kernel.get_raw_value()
@@ -365,6 +391,11 @@ def params(model: nnx.Module) -> dict:
             put(keys, TrainModule())
         elif isinstance(node, nnx.Param) and ADAPTER_KEY not in keys and keys:
             put(keys, node.get_raw_value())
+    for path, module in _modules(model).items():  # a registered weight attribute other than `kernel`: as `kernel`
+        name = _kernel_name(module)
+        if name != "kernel" and isinstance(vars(module).get(name), nnx.Param):
+            entry = functools.reduce(lambda node, k: node[k], path, tree)
+            entry["kernel"] = entry.pop(name)
     return tree
 
 
@@ -388,7 +419,7 @@ def update(model: nnx.Module, tree: PyTree, *, rngs: nnx.Rngs | None = None) -> 
         for name, value in entry.items():
             if name == ADAPTER_KEY or is_module(value):
                 continue
-            var = vars(module).get(name)
+            var = vars(module).get(_kernel_name(module) if name == "kernel" else name)
             if not isinstance(var, nnx.Variable):
                 raise JgoatError(f"the tree has a param '{path_str((*path, name))}' that the model does not have")
             if var.get_raw_value() is not value:
@@ -412,7 +443,8 @@ def _check_hookable(module, path, what: str | None) -> None:
     if linear_n_in(module) is None:
         raise JgoatError(f"module '{path_str(path)}' is a {type(module).__qualname__}, which jgoat cannot intercept "
                          f"to run {what}: if its __call__(x) returns x·kernel (+ bias), register it with "
-                         "jgoat.register_linear(cls, n_in=...)")
+                         "jgoat.register_linear(cls, n_in=...) (jgoat.nnx.register(cls, kernel=name) for a weight "
+                         "not named 'kernel')")
     _install(type(module))
 
 
@@ -502,12 +534,21 @@ def wrap(model, cfg: AdapterConfig, *, key: jax.Array, rngs: nnx.Rngs | None = N
     tree = params(model)
     found = layouts(model)
     modules = _modules(model)
-    for path in select_targets(map_slots(tree, lambda slot: None), cfg, found):
+    try:
+        targets = select_targets(map_slots(tree, lambda slot: None), cfg, found)
+    except ValueError:  # a rule naming only modules jgoat cannot intercept: say so, not "matches no linear module"
+        targets = [] if cfg.targets == "all-linear" else [
+            p for p, m in modules.items() if p and rule_matches(cfg.targets, p)
+            and any(isinstance(v, nnx.Param) for v in vars(m).values())]
+        if not any(path_str(p) not in found for p in targets):
+            raise
+    for path in targets:
         if path_str(path) not in found:
             module = modules[path]
             raise JgoatError(f"module '{path_str(path)}' is a {type(module).__qualname__}, which jgoat cannot "
                              "intercept: if its __call__(x) returns x·kernel (+ bias), register it with "
-                             "jgoat.register_linear(cls, n_in=...); otherwise exclude it from the targets")
+                             "jgoat.register_linear(cls, n_in=...) (jgoat.nnx.register(cls, kernel=name) for a weight "
+                             "not named 'kernel'); otherwise exclude it from the targets")
     update(model, wrap_tree(tree, cfg, key=key, layouts=found, name=name), rngs=rngs)
     return model
 

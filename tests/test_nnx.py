@@ -17,6 +17,7 @@ from toys import ScannedMLP
 
 import jgoat
 import jgoat.nnx as jn
+from jgoat.apply import einsum_n_in
 from jgoat.models.llama import LlamaConfig, LlamaForCausalLM
 from jgoat.models.llama.modules import apply_rope, rope_cos_sin
 
@@ -829,3 +830,54 @@ def test_named_adapters_on_scanned_layers_equal_linen():
     # linen's toy scan does not carry 'jgoat_load'; here each layer's load of g (its own rows) sums to 1
     assert sorted(got[2]) == ["layers/down:g"]
     np.testing.assert_allclose(got[2]["layers/down:g"].sum(-1), np.ones(3), rtol=1e-6)
+
+
+class WEinsum(nnx.Module):
+    """An einsum layer of the tunix kind: its own class, weight `w` (not `kernel`), no bias."""
+
+    def __init__(self, einsum_str, shape, rngs):
+        self.einsum_str = einsum_str
+        self.w = nnx.Param(jax.random.normal(rngs.params(), shape))
+
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.w[...])
+
+
+class WAttn(nnx.Module):
+    def __init__(self, rngs):
+        self.q = WEinsum("btd,dnh->btnh", (16, 2, 8), rngs)
+        self.o = WEinsum("btnh,nhd->btd", (2, 8, 16), rngs)
+
+    def __call__(self, x):
+        return self.o(jax.nn.gelu(self.q(x)))
+
+
+class LinenWAttn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q = nn.Einsum((16, 2, 8), "btd,dnh->btnh", use_bias=False, name="q")(x)
+        return nn.Einsum((2, 8, 16), "btnh,nhd->btd", use_bias=False, name="o")(jax.nn.gelu(q))
+
+
+def test_registered_weight_attribute_equals_linen():
+    """jgoat.nnx.register(cls, n_in=einsum_n_in, kernel="w"): a class whose weight is `w` (tunix's Einsum) is adapted
+    like linen's nn.Einsum with the same weights: layouts, outputs, aux and adapter gradients (RTOL)."""
+    x = _x()
+    with pytest.raises(ValueError, match="module 'q' is a WEinsum, which jgoat cannot intercept"):
+        jn.wrap(WAttn(nnx.Rngs(0)), jgoat.LoraConfig(rank=4, targets=["q"]), key=jax.random.key(2))
+    jn.register(WEinsum, n_in=einsum_n_in, kernel="w")
+    params = LinenWAttn().init(jax.random.key(1), x)["params"]
+    model = WAttn(nnx.Rngs(0))
+    jn.update(model, params)
+    np.testing.assert_array_equal(model.o.w.get_value(), params["o"]["kernel"])
+    assert jn.layouts(model) == jgoat.probe(LinenWAttn(), params, x)
+    cfg = jgoat.GoatConfig(rank=4, experts=2, top_k=1)
+    wrapped = _nonzero_b(jgoat.wrap(params, cfg, key=jax.random.key(2), layouts=jgoat.probe(LinenWAttn(), params, x)))
+    jn.wrap(model, cfg, key=jax.random.key(2))
+    jn.update(model, wrapped)
+    assert sorted(jn.params(model)["q"]) == ["jgoat", "kernel"]
+    out, aux, grads = _nnx_run(model, x, jit=True)
+    want_out, want_aux, want_grads = _linen_run(LinenWAttn().apply, wrapped, x)
+    _assert_close(out, want_out)
+    _assert_close(aux, want_aux)
+    _assert_close(grads, want_grads)

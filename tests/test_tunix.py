@@ -6,8 +6,8 @@ tunix pins safetensors < 0.8 (and so an older transformers) against the main loc
 environment: ``bash scripts/setup.sh --tunix`` (requirements/lock-tunix.txt), then
 ``.venv-tunix/bin/python -m pytest tests/test_tunix.py``. In the main environment the module is skipped.
 
-Tunix's attention projections are its own ``Einsum`` class holding the weight as ``w`` (not ``kernel``), which jgoat
-cannot intercept; the MLP projections are ``nnx.Linear``, and those are the targets here.
+Tunix's attention projections are its own ``Einsum`` class holding the weight as ``w`` (not ``kernel``): one
+``jgoat.nnx.register(llama3.Einsum, n_in=einsum_n_in, kernel="w")`` makes them targets like the MLP's ``nnx.Linear``.
 """
 
 import jax
@@ -19,6 +19,7 @@ from flax import nnx
 
 import jgoat
 import jgoat.nnx as jn
+from jgoat.apply import einsum_n_in
 
 llama3 = pytest.importorskip(
     "tunix.models.llama3.model",
@@ -28,6 +29,8 @@ llama3 = pytest.importorskip(
 CONFIG = llama3.ModelConfig(num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
                             num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5)
 MLP = ["gate_proj", "up_proj", "down_proj"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", *MLP]
+jn.register(llama3.Einsum, n_in=einsum_n_in, kernel="w")
 B, T = 4, 12
 
 
@@ -67,11 +70,11 @@ def test_goat_trains_tunix_llama():
     tokens, positions, mask = batch()
     model = make_model()
     base = {path: np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    jn.wrap(model, jgoat.GoatConfig(rank=4, experts=4, top_k=2, targets=MLP), key=jax.random.key(3))
-    assert sorted(p for p, _ in jgoat.adapters(jn.params(model))) == [
-        f"layers/{i}/mlp/{m}" for i in range(2) for m in sorted(MLP)]
+    jn.wrap(model, jgoat.GoatConfig(rank=4, experts=4, top_k=2, targets=TARGETS), key=jax.random.key(3))
+    assert sorted(p for p, _ in jgoat.adapters(jn.params(model))) == sorted(
+        f"layers/{i}/{'mlp' if m in MLP else 'attn'}/{m}" for i in range(2) for m in TARGETS)
     adapters = jax.tree.leaves(nnx.state(model, jn.Adapter))
-    assert len(adapters) == 2 * 3 * 3  # 2 layers x 3 projections x (A, B, router)
+    assert len(adapters) == 2 * 7 * 3  # 2 layers x 7 projections x (A, B, router)
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=jn.Adapter)
     mu = jax.tree.leaves(optimizer.opt_state[0].mu)
     assert len(mu) == len(adapters) and sum(x.size for x in mu) == sum(x.size for x in adapters)
@@ -102,7 +105,7 @@ def test_remat_block_equals_plain():
     """tunix's RematConfig.BLOCK runs the MLP under nnx.remat: same logits and aux as without (same program up to
     the remat boundary; tolerance 1e-6 relative, fp32 re-association across the boundary)."""
     tokens, positions, mask = batch()
-    cfg = jgoat.GoatConfig(rank=4, experts=4, top_k=2, targets=MLP)
+    cfg = jgoat.GoatConfig(rank=4, experts=4, top_k=2, targets=TARGETS)
     outs = []
     for remat in (llama3.RematConfig.NONE, llama3.RematConfig.BLOCK):
         model = jn.wrap(make_model(remat), cfg, key=jax.random.key(3))
@@ -113,7 +116,7 @@ def test_remat_block_equals_plain():
 
 def test_lora_checkpoint_and_peft_round_trip(tmp_path):
     tokens, positions, mask = batch()
-    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=MLP)
+    cfg = jgoat.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
     model = jn.wrap(make_model(), cfg, key=jax.random.key(3))
     state = nnx.state(model, jn.Adapter)  # B starts at zero: move every adapter off its init
     leaves, treedef = jax.tree.flatten(state)
@@ -131,7 +134,7 @@ def test_lora_checkpoint_and_peft_round_trip(tmp_path):
 
     jgoat.export_peft(jn.params(model), cfg, tmp_path / "peft")
     fresh = make_model()
-    jn.update(fresh, jgoat.import_peft(jn.params(fresh), tmp_path / "peft"))
+    jn.update(fresh, jgoat.import_peft(jn.params(fresh), tmp_path / "peft", layouts=jn.layouts(fresh)))  # [D, N, H]
     np.testing.assert_array_equal(logits(fresh, tokens, positions, mask)[0], want)
     other = llama3.Llama3(CONFIG, rngs=nnx.Rngs(5))  # another base: the checkpoint is refused
     with pytest.raises(ValueError, match="different base model"):
