@@ -157,4 +157,5 @@ def test_peak_rss_within_bound():
     for r in rows:
         assert r["within"], r
     two = [r for r in rows if r["case"] == "fsdp8x2"]
-    assert all(2 * r["device_bytes"] == r["model_bytes"] for r in two)  # each process holds half the model
+    for r in two:  # each process holds half of every sharded param, and the small replicated norms on each device
+        assert 0.5 * r["model_bytes"] < r["device_bytes"] <= 0.51 * r["model_bytes"], r

@@ -15,7 +15,8 @@
   the per-family key maps of :mod:`jgoat.models` then apply unchanged.
 
 :func:`checkpoint_files` finds the weights of a folder (safetensors first, then torch, then Flax; an index file
-before a single file) and :class:`TensorReader` reads them one tensor at a time.
+before a single file) and :class:`TensorReader` reads them one tensor at a time, or a safetensors tensor in row
+ranges (:meth:`TensorReader.row_chunks`: what a loader filling only some devices' blocks of a param needs).
 """
 
 from __future__ import annotations
