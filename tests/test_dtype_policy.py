@@ -61,6 +61,8 @@ def _make(name: str):
     if name in ("ia3_ff", "ia3_out"):
         node = ia3.init(ia3.IA3LayerConfig(feedforward=name == "ia3_ff"), w, key)
         return node.replace(l=1.0 + _normal(6, node.l.shape, 0.1))
+    if name == "goat_dropout":
+        return _make("goat").replace(dropout=0.25)
     cfg = _CONFIGS[name]
     node = init_fn(cfg)(cfg, w, key)
     return node if name == "goat" else _randomized_b(node)  # PiSSA / OLoRA: B moved away from its offset res_B
@@ -81,13 +83,16 @@ _CONFIGS = {
 
 METHODS = ("lora", "rslora", "pissa", "olora", "dora", "goat", "molora", "kasa", "lori", "gora", "ia3_ff", "ia3_out")
 MATMUL_METHODS = tuple(m for m in METHODS if m != "ia3_out")  # (IA)³ out-side is element-wise only
+# GOAT below float32 fuses its contractions unless the expert input is dropped: "goat_dropout" takes the other path
+TRACED = (*MATMUL_METHODS, "goat_dropout")
 
 
-def _inputs(dtype):
+def _inputs(dtype, name=""):
     x = _normal(1, (T, IN)).astype(BF16).astype(dtype)  # bf16 values, so the f32 reference sees the same input
     w = _kernel().astype(dtype)
     y = (x.astype(F32) @ w.astype(F32) + _normal(2, (OUT,), 0.1)[None, :]).astype(dtype)
-    return x, y, Context(kernel_IxO=w, bias_O=_normal(2, (OUT,), 0.1).astype(dtype), rng=None, token_mask_T=None)
+    rng = jax.random.key(4) if name.endswith("_dropout") else None
+    return x, y, Context(kernel_IxO=w, bias_O=_normal(2, (OUT,), 0.1).astype(dtype), rng=rng, token_mask_T=None)
 
 
 def _eqns(jaxpr):
@@ -115,10 +120,10 @@ def _dtypes(eqn):
 # ------------------------------------------------------------------------------------------------- (a) the jaxpr
 
 
-@pytest.mark.parametrize("name", MATMUL_METHODS)
+@pytest.mark.parametrize("name", TRACED)
 def test_bf16_forward_matmuls_are_bf16_with_f32_accumulation(name):
     node = _make(name)
-    x, y, ctx = _inputs(BF16)
+    x, y, ctx = _inputs(BF16, name)
     closed = jax.make_jaxpr(lambda n, x, y: n.forward(x, y, ctx))(node, x, y)
     dots = _activation_dots(closed)
     assert dots, "no matmul traced"
@@ -130,7 +135,7 @@ def test_bf16_forward_matmuls_are_bf16_with_f32_accumulation(name):
         assert {e.primitive.name for e in f32_activations} == {"convert_element_type", "mul"}
     else:
         assert not f32_activations  # no float32 copy of the activations, GOAT's router included
-    if name in ("goat", "molora"):
+    if name in ("goat", "molora", "goat_dropout"):
         routing = [e for e in _eqns(closed.jaxpr) if e.primitive.name in ("top_k", "exp", "reduce_max")]
         assert routing and all(jnp.dtype(v.aval.dtype) == F32 for e in routing for v in e.invars)
         assert jnp.dtype(closed.out_avals[1].dtype) == F32  # aux
@@ -139,12 +144,12 @@ def test_bf16_forward_matmuls_are_bf16_with_f32_accumulation(name):
     assert all(_dtypes(d) == (F32, F32) for d in _activation_dots(closed32))
 
 
-@pytest.mark.parametrize("name", MATMUL_METHODS)
+@pytest.mark.parametrize("name", TRACED)
 def test_bf16_backward_matmuls_are_bf16_with_f32_accumulation(name):
     """The backward pass too: every contraction with the activations (or their cotangents) takes bf16 operands and
     accumulates in float32, and x is never upcast (the custom VJP of ``jgoat.core.einsum``)."""
     node = _make(name)
-    x, y, ctx = _inputs(BF16)
+    x, y, ctx = _inputs(BF16, name)
 
     def loss(n, x):
         out, aux = n.forward(x, y, ctx)

@@ -154,24 +154,29 @@ class GoatAdapter:
     def in_features(self) -> int:
         return self.A.shape[-2]
 
+    def router_parts(self, dtype) -> Array:
+        """[hi | mid | lo] [in, 3E] in `dtype`, hi + mid + lo = router exactly (module docstring)."""
+        hi = self.router.astype(dtype)
+        mid = (self.router - hi.astype(jnp.float32)).astype(dtype)
+        lo = (self.router - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(dtype)
+        return jnp.concatenate([hi, mid, lo], axis=-1)
+
     def router_logits(self, x_TxI: Array) -> Array:
         """x @ router [T, E] in float32. float32 compute dtype: the float32 product. A lower one: x in that dtype
         (exact for activations already in it) times the three-part split of the router (module docstring)."""
         dtype = compute_dtype(self, x_TxI)
         if dtype == jnp.float32:
             return x_TxI.astype(jnp.float32) @ self.router
-        hi = self.router.astype(dtype)
-        mid = (self.router - hi.astype(jnp.float32)).astype(dtype)
-        lo = (self.router - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(dtype)
-        parts_Ix3E = jnp.concatenate([hi, mid, lo], axis=-1)
-        logits_Tx3E = einsum("ti,ie->te", x_TxI, parts_Ix3E, dtype)
-        n_experts = self.router.shape[-1]
-        return jnp.sum(logits_Tx3E.reshape(x_TxI.shape[0], 3, n_experts), axis=1)
+        return _sum_parts(einsum("ti,ie->te", x_TxI, self.router_parts(dtype), dtype))
 
     def route(self, x_TxI: Array) -> tuple[Array, Array, Array]:
         """GOAT.md §3: probabilities p [T, E], dense gates [T, E] (k non-zeros summing to 1), top-k idx [T, k]; all
         float32 whatever the compute dtype."""
-        p_TxE = jax.nn.softmax(self.router_logits(x_TxI), axis=-1)
+        return self.route_from_logits(self.router_logits(x_TxI))
+
+    def route_from_logits(self, logits_TxE: Array) -> tuple[Array, Array, Array]:
+        """`route` from float32 router logits."""
+        p_TxE = jax.nn.softmax(logits_TxE, axis=-1)
         w_TxK, idx_TxK = jax.lax.top_k(p_TxE, self.top_k)
         w_TxK = w_TxK / jnp.sum(w_TxK, axis=-1, keepdims=True)
         n_experts = self.router.shape[-1]
@@ -204,11 +209,42 @@ class GoatAdapter:
 
     def forward(self, x_TxI: Array, y_TxO: Array, ctx: Context) -> tuple[Array, Array]:
         dtype = compute_dtype(self, x_TxI)
+        if dtype != jnp.float32 and (self.dropout == 0.0 or ctx.rng is None):
+            return self.fused_forward(x_TxI, y_TxO, ctx, dtype)
         x = x_TxI.astype(dtype)
         p_TxE, gates_TxE, idx_TxK = self.route(x_TxI)
         h_TxExD = self.expert_inputs(x, ctx.rng) * (self.scale * gates_TxE)[..., None]
         delta_TxO = einsum("ted,edo->to", h_TxExD, self.B, dtype) - offset(self, x, dtype)
         return y_TxO + delta_TxO.astype(y_TxO.dtype), self.aux_loss(p_TxE, idx_TxK, ctx.token_mask_T)
+
+
+    def fused_forward(self, x_TxI: Array, y_TxO: Array, ctx: Context, dtype) -> tuple[Array, Array]:
+        """`forward` below float32 when the expert input is not dropped: the three contractions of x (router parts,
+        experts' A, the offset's res_A) are one matmul x @ [parts | A | res_A], and the two of the gated expert
+        inputs and the offset's (B, res_B) one more, [s·g·(x A) | −x res_A] @ [B; res_B]. Column for column the same
+        sums as the separate contractions (in another accumulation order); one read of x and, in the backward pass,
+        one float32 accumulation of x's gradient instead of three."""
+        n_experts, n_in, d = self.A.shape
+        n_tokens = x_TxI.shape[0]
+        a_IxC = jnp.transpose(self.A, (1, 0, 2)).reshape(n_in, n_experts * d)
+        weights = [self.router_parts(dtype), a_IxC.astype(dtype)]
+        if self.res_A is not None:
+            weights.append(self.res_A.astype(dtype))
+        z_TxC = einsum("ti,ic->tc", x_TxI, jnp.concatenate(weights, axis=-1), dtype)
+        p_TxE, gates_TxE, idx_TxK = self.route_from_logits(_sum_parts(z_TxC[:, : 3 * n_experts]))
+        h_TxExD = z_TxC[:, 3 * n_experts : 3 * n_experts + n_experts * d].reshape(n_tokens, n_experts, d)
+        inputs = [(h_TxExD * (self.scale * gates_TxE)[..., None]).reshape(n_tokens, n_experts * d)]
+        outputs = [self.B.reshape(n_experts * d, -1)]
+        if self.res_A is not None:
+            inputs.append(-z_TxC[:, 3 * n_experts + n_experts * d :])
+            outputs.append(self.res_B)
+        delta_TxO = einsum("tc,co->to", jnp.concatenate(inputs, axis=-1), jnp.concatenate(outputs, axis=0), dtype)
+        return y_TxO + delta_TxO.astype(y_TxO.dtype), self.aux_loss(p_TxE, idx_TxK, ctx.token_mask_T)
+
+
+def _sum_parts(logits_Tx3E: Array) -> Array:
+    """The router logits [T, E] from the products with its three parts [T, 3E] (float32)."""
+    return jnp.sum(logits_Tx3E.reshape(logits_Tx3E.shape[0], 3, -1), axis=1)
 
 
 def segment_indices(cfg: GoatConfig, h: int) -> Array:
