@@ -139,16 +139,18 @@ def _eval_sums(task_kind: str, model, params, batch):
 def length_sorted_batches(split: ArraySplit | ImageSplit, batch_size: int) -> list[tuple[np.ndarray, int | None]]:
     """Eval batches of similar length: ``(example indices, row length)`` pairs, examples sorted by length (the
     position after their last real token; stable) and cut into batches, each trimmed to the shortest of T/8, T/4,
-    T/2, T (rounded up to a multiple of 8) that holds its longest example. Trimming drops only padding (masked keys,
-    no counted label), so the eval sums are those of the full rows up to float rounding, at a fraction of the
-    padded FLOPs; the four lengths bound the compiles. Image splits (no mask) and left-padded rows (their length is
-    T): in order / untrimmed, the row length None."""
+    T/2, T (rounded up to a multiple of 8, at least 64) that holds its longest example. Trimming drops only padding
+    (masked keys, no counted label), so the eval sums are those of the full rows up to float rounding, at a fraction
+    of the padded FLOPs; the few lengths bound the compiles, and below 64 tokens a compile costs more than the
+    padding it saves. Rows of at most 64 tokens, image splits (no mask): in order, untrimmed (row length None)."""
     if not isinstance(split, ArraySplit) or "mask" not in split.arrays:
         return _in_order(len(split), batch_size)
     mask = np.asarray(split.arrays["mask"]) != 0
     T = mask.shape[1]
     lengths = np.where(mask.any(axis=1), T - np.argmax(mask[:, ::-1], axis=1), 1)
-    buckets = sorted({min(T, -(-(T >> k) // 8) * 8) for k in range(4)})
+    buckets = sorted({min(T, max(64, -(-(T >> k) // 8) * 8)) for k in range(4)})
+    if len(buckets) == 1:
+        return _in_order(len(split), batch_size)
     order = np.argsort(lengths, kind="stable")
     batches = []
     for s in range(0, len(order), batch_size):

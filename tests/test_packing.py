@@ -463,17 +463,19 @@ def test_packed_sft_sigkill_resume_is_exact(tmp_path, tokenizer):
 
 
 def test_length_sorted_eval_batches_trim_padding_and_keep_the_metrics():
-    padded, packed = batches()
-    split = tasks.ArraySplit(padded)
-    plan = tasks.length_sorted_batches(split, 4)
+    exs = examples()
+    padded = data_lib.pad_sft(exs, 256, 0)  # long rows, short examples: padding dominates
+    plan = tasks.length_sorted_batches(tasks.ArraySplit(padded), 4)
     assert sorted(i for idx, _ in plan for i in idx) == list(range(len(LENGTHS)))
-    lengths = [min(n, MAX_LENGTH) for n in LENGTHS]
-    for idx, length in plan:  # shortest bucket of T/8, T/4, T/2, T rounded up to 8 that holds the batch
-        assert length == next(b for b in (8, 8, 16, 24) if b >= max(lengths[i] for i in idx))
-    assert [length for _, length in plan] == [8, 24, 24]  # sorted by length: 2,3,5,7 | 8,11,13,17 | 24,24(30)
-    assert tasks.length_sorted_batches(tasks.ArraySplit({"labels": np.zeros(5)}), 2)[-1][1] is None
+    lengths = padded["mask"].sum(1)
+    assert [list(lengths[idx]) for idx, _ in plan] == [[2, 3, 5, 7], [8, 11, 13, 17], [24, 30]]  # sorted
+    assert [length for _, length in plan] == [64, 64, 64]  # buckets 64, 128, 256: the shortest that holds them
+    long = data_lib.pad_sft([*exs, data_lib.SftExample((1,) * 100, (IGNORE,) * 50 + (1,) * 50)], 256, 0)
+    assert [length for _, length in tasks.length_sorted_batches(tasks.ArraySplit(long), 4)] == [64, 64, 128]
+    short = tasks.length_sorted_batches(tasks.ArraySplit(data_lib.pack_sft(exs, MAX_LENGTH, 0)), 4)
+    assert [(list(idx), length) for idx, length in short] == [([0, 1, 2, 3], None), ([4], None)]  # T <= 64: in order
     params = wrapped("goat")
-    for arrays in (padded, packed):
+    for arrays in (padded, data_lib.pack_sft(exs, MAX_LENGTH, 0)):
         task = tasks.Task("sft", model(), params, tasks.ArraySplit(arrays), tasks.ArraySplit(arrays), (), "toy")
         (m_sorted, load_sorted), (m_order, load_order) = (tasks.evaluate(task, params, 4, bucketed=b)
                                                           for b in (True, False))
