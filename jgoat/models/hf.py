@@ -6,9 +6,10 @@ A folder holds ``config.json`` and ``model.safetensors`` (or a sharded ``model.s
 legacy ``transformers<5`` ``flax_model.msgpack`` (see :mod:`jgoat.models.formats`). Each Flax parameter path maps to
 one HF key by a fixed rule per family (:func:`hf_key`, :func:`decoder_hf_key`, :func:`vision_hf_key`); checkpoint
 keys are matched with or without the model prefix (``bert.`` / ``roberta.``, ``model.``, ``vision_model.`` /
-``vit.``), so task checkpoints and bare models both load. The family loaders (``jgoat.models.<family>.loader``) and
-:func:`jgoat.models.from_pretrained` build on this module; the reverse direction is
-:func:`jgoat.models.io.save_pretrained`.
+``vit.``), so task checkpoints and bare models both load. Each param is built by :func:`read_leaf`, on one device
+or straight onto its shards on a mesh (each process filling only its own devices' blocks). The family loaders
+(``jgoat.models.<family>.loader``) and :func:`jgoat.models.from_pretrained` build on this module; the reverse
+direction is :func:`jgoat.models.io.save_pretrained`.
 """
 
 from __future__ import annotations
