@@ -238,7 +238,7 @@ def _f32_dot_shapes(method: str | None, compute_dtype: str = "auto") -> set:
     return {tuple(v.aval.shape for v in d.invars) for d in _dots(closed) if _dtypes(d) == (F32, F32)}
 
 
-@pytest.mark.parametrize("method", ["lora", "goat"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "goat"])  # GOAT: a superset
 def test_bf16_llama_step_adds_no_f32_adapter_matmul(method):
     """The float32 dots of a bf16 Llama's loss-and-gradient jaxpr: under "auto" the adapters (GOAT's router
     included) add none to the base model's, under "float32" they add their own (the policy makes the difference)."""
@@ -444,7 +444,7 @@ def test_bottleneck_unchanged_for_f32(jit):
 # ------------------------------------------------------------------------------------------------- (d) gradients
 
 
-@pytest.mark.parametrize("method", ["goat", "lora"])
+@pytest.mark.parametrize("method", ["goat", pytest.param("lora", marks=pytest.mark.slow)])  # GOAT: a superset
 def test_bf16_llama_gradients_reach_f32_params(method):
     wrapped, loss = _wrapped(method), _llama_loss
     assert {node.compute_dtype for _, node in jgoat.adapters(wrapped)} == {"auto"}
