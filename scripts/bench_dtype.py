@@ -4,12 +4,13 @@
 
 For each method it prints, side by side, XLA's memory plan (temporaries, and the peak: arguments + temporaries +
 un-aliased outputs) and its cost analysis (FLOPs, bytes accessed) of the jitted ``jgoat.train_step`` (AdamW, train
-state donated). Shapes are abstract (nothing is allocated) and the compile is XLA's CPU one: these are compiled-plan
-numbers, not timings — CPU wall time says nothing about bf16 on an accelerator. Layers are unrolled (XLA's cost
-analysis counts a while-loop body once) and not rematerialised (the adapters' saved activations show in the plan).
+state donated). Shapes are abstract (nothing is allocated) and the compile is for JAX's default backend (the CPU in
+BENCHMARKS.md): compiled-plan numbers, not timings — CPU wall time says nothing about bf16 on an accelerator.
+Layers are unrolled (XLA's cost analysis counts a while-loop body once) and not rematerialised (the adapters' saved
+activations show in the plan).
 
-    .venv/bin/python scripts/bench_dtype.py [--hidden 2048] [--intermediate 5632] [--layers 1] [--seq 1024]
-        [--batch 4] [--out BENCH_dtype.md]
+    .venv/bin/python scripts/bench_dtype.py [--hidden 2048] [--intermediate 5632] [--layers 4] [--seq 1024]
+        [--batch 4] [--out table.md]
 """
 
 import argparse
