@@ -260,7 +260,8 @@ def _mask_for(token_mask, lead: tuple[int, ...], path: str):
     return token_mask.reshape(-1)
 
 
-def _choice(adapter: str | Sequence[str | None] | None) -> tuple[str | None, ...] | None:
+def adapter_choice(adapter: str | Sequence[str | None] | None) -> tuple[str | None, ...] | None:
+    """`adapter` (a name, names per example, or None) as a tuple of names; ValueError for anything else."""
     if adapter is None:
         return None
     choice = (adapter,) if isinstance(adapter, str) else tuple(adapter)
@@ -269,7 +270,7 @@ def _choice(adapter: str | Sequence[str | None] | None) -> tuple[str | None, ...
     return choice
 
 
-def _check_selection(params: Mapping, adapter, choice, adapter_ids) -> jax.Array | None:
+def check_selection(params: Mapping, adapter, choice, adapter_ids) -> jax.Array | None:
     """Validate the adapter choice against the names `params` holds; the per-example ids as an int array or None."""
     names = slot_names(params)
     if choice is None:
@@ -339,12 +340,12 @@ def apply(apply_fn: Callable[..., Any], *, collect_load: bool = False,
       >>> out, aux = jgoat.apply(model.apply)({"params": wrapped}, x)
       >>> out, aux = jgoat.apply(model.apply, adapter=("a", "b"))({"params": multi}, x, adapter_ids=jnp.array([1, 0]))
     """
-    choice = _choice(adapter)
+    choice = adapter_choice(adapter)
 
     @functools.wraps(apply_fn)
     def wrapped(variables, *args, aux_mask: jax.Array | None = None, adapter_ids: jax.Array | None = None,
                 mutable=False, **kwargs):
-        ids = _check_selection(variables.get("params", {}), adapter, choice, adapter_ids)
+        ids = check_selection(variables.get("params", {}), adapter, choice, adapter_ids)
         extra = mutable
         if mutable is False:
             collections = [AUX_COLLECTION]

@@ -59,10 +59,10 @@ from flax.nnx import bridge
 
 from jgoat.adapters import ADAPTER_TYPES, AdapterConfig, GoatAdapter
 from jgoat.apply import (
-    _check_selection,
-    _choice,
     adapted_output,
     adapted_output_per_example,
+    adapter_choice,
+    check_selection,
     einsum_n_in,
     linear_n_in,
     register_linear,
@@ -573,8 +573,8 @@ def apply(model: nnx.Module, *args, method: str | None = None, aux_mask: jax.Arr
         ``adapter=("a", "b", None)`` with ``adapter_ids`` (ints indexing it, [batch] or [batch, seq]) runs one per
         example (None: the base model). Required when the model holds named adapters.
     """
-    choice = _choice(adapter)
-    ids = _check_selection(params(model), adapter, choice, adapter_ids)
+    choice = adapter_choice(adapter)
+    ids = check_selection(params(model), adapter, choice, adapter_ids)
     accumulators = _accumulators(model)
     for acc in accumulators:
         _zero(acc)
