@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), lint, and run the default test suite (slow suites excluded: run them with -m slow).
 # Tests run in parallel processes (pytest-xdist: one per core, at most 4 — each holds jax, torch and peft, ~1.5 GB;
-# JGOAT_TEST_WORKERS overrides, 0 runs them in this process); the 25 slowest are listed at the end.
+# JGOAT_TEST_WORKERS overrides, 0 runs them in this process); the 25 slowest are listed at the end. Then the
+# google-tunix tests in their own locked environment (scripts/setup.sh --tunix; JGOAT_TUNIX=0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,4 +12,6 @@ set +e
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
-exit "$rc"
+if [ "$rc" -ne 0 ] || [ "${JGOAT_TUNIX:-1}" = 0 ] || [ "$#" -gt 0 ]; then exit "$rc"; fi
+bash scripts/setup.sh --tunix
+.venv-tunix/bin/python -m pytest -q -p no:cacheprovider tests/test_tunix.py
