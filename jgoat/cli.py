@@ -648,6 +648,10 @@ def total_steps(args: argparse.Namespace, n_train: int) -> tuple[int, int]:
     """(optimizer steps, steps per epoch): --epochs × (n_train // batch) when given, else --steps."""
     per_epoch = n_train // args.batch_size
     if per_epoch == 0:
+        if args.task == "sft" and tasks.sft_packing(args):
+            raise JgoatError(f"--batch-size {args.batch_size} > the {n_train} training rows the examples pack into "
+                             "(with packing, --batch-size counts rows of several examples): lower it, or pass "
+                             "--no-packing for one example per row")
         raise JgoatError(f"--batch-size {args.batch_size} > the number of training examples ({n_train}): lower it")
     return (args.epochs * per_epoch if args.epochs else args.steps), per_epoch
 

@@ -187,14 +187,30 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     return _einsum_low(spec, dtype, x, w)
 
 
+def _dot_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(spec, a, b)`` of low-precision operands with float32 accumulation.
+
+    XLA:CPU's runtime has no bf16 x bf16 -> f32 dot with batch dimensions (it raises UNIMPLEMENTED at run time, e.g.
+    GOAT's per-expert ``tei,eid->ted``), so on CPU such a contraction widens its already-rounded operands to float32
+    first: the same products (a product of two bf16 / fp16 numbers is exact in float32) summed in float32, i.e. the
+    same result up to summation order. Accelerators get the low-precision dot.
+    """
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    batched = any(i in rhs and i in out for i in lhs)
+    if batched and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _einsum_low(spec: str, dtype: np.dtype, x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return _dot_f32(spec, x.astype(dtype), w.astype(dtype))
 
 
 def _einsum_low_fwd(spec, dtype, x, w):
     x_c, w_c = x.astype(dtype), w.astype(dtype)
-    out = jnp.einsum(spec, x_c, w_c, preferred_element_type=jnp.float32)
+    out = _dot_f32(spec, x_c, w_c)
     return out, (x_c, w_c, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))  # the zeros carry the primal dtypes
 
 
@@ -203,8 +219,8 @@ def _einsum_low_bwd(spec, dtype, res, ct):
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
     ct_c = ct.astype(dtype)
-    dx = jnp.einsum(f"{out},{rhs}->{lhs}", ct_c, w_c, preferred_element_type=jnp.float32)
-    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x_c, ct_c, preferred_element_type=jnp.float32)
+    dx = _dot_f32(f"{out},{rhs}->{lhs}", ct_c, w_c)
+    dw = _dot_f32(f"{lhs},{out}->{rhs}", x_c, ct_c)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 

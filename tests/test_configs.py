@@ -96,25 +96,30 @@ def llama(root: pathlib.Path) -> pathlib.Path:
     return model
 
 
-def commonsense_layout(root: pathlib.Path, n_train: int, n_eval: int) -> dict[str, str]:
+def commonsense_layout(root: pathlib.Path, n_train: int, n_eval: int, max_length: int) -> dict[str, str]:
     """models/Llama-2-7b-hf (tiny) + LLM-Adapters' commonsense_170k.json: a JSON list of {instruction, input, output,
     answer} (test_size examples of it are held out)."""
     rng = np.random.default_rng(0)
-    rows = [{"instruction": f"question {sentence(rng, 4)} answer", "input": "", "output": f"the answer is {a}",
+    # over half of max_length tokens each (one word = one token, plus the template): SFT packing keeps one example
+    # per row, so the `batch` examples are one batch
+    rows = [{"instruction": f"question {sentence(rng, max_length // 2)} answer", "input": "",
+             "output": f"the answer is {a}",
              "answer": a} for a in rng.choice(["yes", "no"], n_train + n_eval)]
     (root / "commonsense_170k.json").write_text(json.dumps(rows, indent=1))
     return {"model": str(llama(root)), "data": str(root / "commonsense_170k.json")}
 
 
-def math_layout(root: pathlib.Path, n_train: int, n_eval: int) -> dict[str, str]:
+def math_layout(root: pathlib.Path, n_train: int, n_eval: int, max_length: int) -> dict[str, str]:
     """models/Llama-2-7b-hf (tiny) + a MetaMathQA-style JSON list of {query, response}."""
     rng = np.random.default_rng(1)
-    rows = [{"query": f"what is {sentence(rng, 3)}", "response": f"two plus two is four because {sentence(rng, 2)}",
+    rows = [{"query": f"what is {sentence(rng, max_length // 2 - 4)}",
+             "response": f"two plus two is four because {sentence(rng, 4)}",
              "type": "GSM_Rephrased"} for _ in range(n_train + n_eval)]
     (root / "train.json").write_text(json.dumps(rows))
     return {"model": str(llama(root)), "data": str(root / "train.json")}
 
 
+PACKED = ("commonsense_llama2_7b", "math_llama2_7b")  # SFT: their stand-ins size examples by --max-length
 LAYOUTS = {"glue_roberta_large": glue_layout, "image_clip_vit_b32": image_layout,
            "commonsense_llama2_7b": commonsense_layout, "math_llama2_7b": math_layout}
 
@@ -133,7 +138,9 @@ def run_config(name: str, root: pathlib.Path, overrides: tuple[str, ...], n_eval
     """`jgoat train --config configs/<name>.json` with the paths of the stand-ins, for --epochs 2 of one batch."""
     shipped = json.loads((CONFIGS / f"{name}.json").read_text())
     batch = int(overrides[overrides.index("--batch-size") + 1]) if overrides else shipped["batch_size"]
-    paths = LAYOUTS[name](root, batch, n_eval)
+    flags = dict(zip(overrides[::2], overrides[1::2], strict=False))
+    max_length = int(flags.get("--max-length", shipped.get("max_length", 32)))
+    paths = LAYOUTS[name](root, batch, n_eval, *([max_length] if name in PACKED else []))
     assert ("eval_data" in paths) == ("eval_data" in shipped)  # the stand-in has the files the config names
     out = root / "run"
     argv = ["train", "--config", str(CONFIGS / f"{name}.json"), "--model", paths["model"], "--data", paths["data"],
