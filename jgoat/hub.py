@@ -39,6 +39,16 @@ def check_push_target(repo_id: str) -> None:
         raise JgoatError(f"push_to_hub={repo_id!r} is not a Hub repo id (owner/name)")
 
 
+def _local_path(name: str | os.PathLike) -> pathlib.Path | None:
+    """`name` as an existing local path, or None when it is a repo id to fetch; FileNotFoundError for neither."""
+    path = pathlib.Path(name).expanduser()
+    if path.exists():
+        return path
+    if not is_repo_id(os.fspath(name)):
+        raise FileNotFoundError(f"{os.fspath(name)}: no such file or folder")
+    return None
+
+
 def _unreachable(name: str, err: Exception, what: str) -> JgoatError:
     reason = " ".join(str(err).split())[:240] or type(err).__name__
     offline = " (HF_HUB_OFFLINE is set: only cached repos resolve)" if is_offline_mode() else ""
@@ -55,11 +65,9 @@ def resolve_model(name: str | os.PathLike, *, revision: str | None = None) -> pa
     Raises FileNotFoundError for a missing path that is not spelled like a repo id, JgoatError (one line, naming
     the local-folder alternative) when the Hub cannot provide it: no network, offline mode, no such repo, gated.
     """
-    path = pathlib.Path(name).expanduser()
-    if path.exists() or not is_repo_id(os.fspath(name)):
-        if not path.exists():
-            raise FileNotFoundError(f"{os.fspath(name)}: no such file or folder")
-        return path
+    local = _local_path(name)
+    if local is not None:
+        return local
     repo = os.fspath(name)
     try:
         folder = pathlib.Path(snapshot_download(repo, revision=revision, allow_patterns=list(MODEL_FILES)))
@@ -77,11 +85,9 @@ def resolve_dataset(name: str | os.PathLike, *, revision: str | None = None) -> 
     """A local data file/folder for `name`: the path itself when it exists, else the Hub snapshot of dataset repo
     `name` (its data files and card; never its loading scripts, which jgoat does not run). Errors as
     :func:`resolve_model`."""
-    path = pathlib.Path(name).expanduser()
-    if path.exists() or not is_repo_id(os.fspath(name)):
-        if not path.exists():
-            raise FileNotFoundError(f"{os.fspath(name)}: no such file or folder")
-        return path
+    local = _local_path(name)
+    if local is not None:
+        return local
     repo = os.fspath(name)
     try:
         return pathlib.Path(snapshot_download(repo, repo_type="dataset", revision=revision, ignore_patterns=["*.py"]))
