@@ -352,6 +352,9 @@ def load_table(source: str, split: str = "train", *, encoding: str | None = None
     """
     import datasets
 
+    # No download-count ping: `datasets` sends a HEAD request (3 s timeout) to its S3 bucket on every load of a
+    # packaged builder (csv, json, parquet, imagefolder) unless the Hub is offline; jgoat reads local files only.
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     path = pathlib.Path(source)
     if not path.exists() and (path.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~"))):
         raise DataError(f"{source}: no such file or folder")

@@ -137,3 +137,30 @@ def test_a_failed_push_keeps_the_export_and_says_how_to_upload_it_later(lora_exp
     with pytest.raises(JgoatError, match=r"push_to_hub='not a repo' is not a Hub repo id"):
         export_peft(tree, cfg, tmp := out.parent / "other", push_to_hub="not a repo")
     assert not tmp.exists()  # refused before anything is written
+
+
+NO_NETWORK = r"""
+import pathlib, socket, sys
+attempts = []
+def refuse(*args, **kwargs):  # recorded, then refused (`datasets` swallows the error of its ping)
+    attempts.append(args[:2])
+    raise OSError("no network in this test")
+socket.getaddrinfo = refuse
+socket.create_connection = refuse
+from jgoat import data
+folder = pathlib.Path(sys.argv[1])
+print("ROWS", len(data.load_table(str(folder / "a.csv"))), len(data.load_table(str(folder / "b.jsonl"))))
+print("ATTEMPTS", attempts)
+"""
+
+
+def test_reading_local_data_never_touches_the_network(tmp_path):
+    """With the Hub online (HF_HUB_OFFLINE unset), reading local files sends nothing: `datasets` would otherwise
+    ping its S3 bucket to count the load of every packaged builder."""
+    (tmp_path / "a.csv").write_text("text,label\nhi,0\nho,1\n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", NO_NETWORK, str(tmp_path)], capture_output=True, text=True,
+                          env={**env, "JAX_PLATFORMS": "cpu", "HF_HOME": str(tmp_path / "hf")}, timeout=600)
+    assert done.returncode == 0 and "ROWS 2 1" in done.stdout, done.stderr[-3000:]
+    assert "ATTEMPTS []" in done.stdout, done.stdout
