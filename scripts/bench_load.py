@@ -35,6 +35,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench_load_memory import llama_shapes  # the same Llama-shaped state dict (scripts/ is on sys.path)
 
 FACTOR = 1.3
 CASES = {"single": (1, 1), "fsdp8": (8, 1), "fsdp8x2": (4, 2)}  # case -> (devices per process, processes)
@@ -72,23 +73,6 @@ print(json.dumps(dict(case=case, process=process_id, base_kb=base, hwm_kb=status
 if processes > 1:
     jax.distributed.shutdown()
 """
-
-
-def llama_shapes(hidden: int, layers: int, vocab: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    """HF Llama state-dict shapes (torch layout, untied LM head, as many KV heads as query heads)."""
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[f"{p}self_attn.{proj}.weight"] = (hidden, hidden)
-        shapes[f"{p}mlp.gate_proj.weight"] = (intermediate, hidden)
-        shapes[f"{p}mlp.up_proj.weight"] = (intermediate, hidden)
-        shapes[f"{p}mlp.down_proj.weight"] = (hidden, intermediate)
-        shapes[f"{p}input_layernorm.weight"] = (hidden,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
 
 
 def build_checkpoint(folder: pathlib.Path, *, hidden: int, layers: int, vocab: int, intermediate: int,

