@@ -393,6 +393,33 @@ def batch_sharding(mesh: Mesh, *, batch_axes: Sequence[str] = ("data", "fsdp"), 
     return NamedSharding(mesh, PartitionSpec(*([None] * leading), tuple(batch_axes)))
 
 
+def process_rows(mesh: Mesh, rows: int, *, batch_axes: Sequence[str] = ("data", "fsdp")) -> np.ndarray:
+    """The rows of a global batch of `rows` that this process's devices hold on `mesh` (every row in one process):
+    what this process reads and hands to :func:`place_batch`. A `rows` the batch axes do not divide is a
+    ValueError."""
+    size = math.prod(mesh.shape[a] for a in batch_axes)
+    if rows % size:
+        raise ValueError(f"a global batch of {rows} rows is not divisible by the {'×'.join(batch_axes)} = {size} "
+                         "devices it is split over")
+    spans = batch_sharding(mesh, batch_axes=batch_axes).addressable_devices_indices_map((rows,)).values()
+    return np.unique(np.concatenate([np.arange(rows)[s[0]] for s in spans]))
+
+
+def place_batch(batch: PyTree, mesh: Mesh, *, batch_axes: Sequence[str] = ("data", "fsdp")) -> PyTree:
+    """A host batch as global `jax.Array`s split over `batch_axes` (dim 0). In one process `batch` is the whole
+    global batch; with several processes (``jax.distributed``) it is this process's rows, those of
+    :func:`process_rows` in order, and the global batch is every process's rows together."""
+    sh = batch_sharding(mesh, batch_axes=batch_axes)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sh)
+
+    def place(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sh, x, (x.shape[0] * jax.process_count(), *x.shape[1:]))
+
+    return jax.tree.map(place, batch)
+
+
 def sharded_step(step_fn: Callable, mesh: Mesh, state_sh: TrainState, frozen_sh: PyTree, *,
                  batch_axes: Sequence[str] = ("data", "fsdp"), micro_batches: bool = False,
                  donate: bool = True) -> Callable:

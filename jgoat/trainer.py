@@ -8,6 +8,10 @@ same way::
 
 How the loop stays off the host's critical path:
 
+- The batches of the next `prefetch` steps are produced and put on the device by a background thread while the
+  step runs (:mod:`jgoat.pipeline`), in step order, so a resumed run reads exactly what an uninterrupted one did;
+  the time the loop still waits for each batch is measured (``FitResult.data_wait_s``, the progress bar's
+  ``wait_ms``).
 - The train state is donated to the jitted step (XLA reuses its buffers for the new state).
 - The step's metrics (and the learning rate, computed inside the step) stay on the device; the loop fetches all the
   pending ones in one transfer every `log_every` steps, or when a callback needs them (:meth:`Loop.flush`, which
@@ -42,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jgoat import sharding
+from jgoat import pipeline, sharding
 from jgoat.checkpoint import save
 from jgoat.errors import JgoatError, NonFiniteError
 from jgoat.train import LossFn, TrainState, accumulate_step, train_step
@@ -108,12 +112,14 @@ def make_step(
 
 class Loop:
     """What callbacks see of the running :func:`fit`: ``state``, ``frozen``, ``step`` (completed steps), ``steps``
-    (the total), ``batch`` (the last one), ``params`` (the combined tree), :meth:`flush` and :meth:`log`."""
+    (the total), ``batch`` (the last one, on the host), ``data_wait`` (the seconds each step of this call waited
+    for its batch), ``params`` (the combined tree), :meth:`flush` and :meth:`log`."""
 
     def __init__(self, state: TrainState, frozen: PyTree, steps: int, callbacks: Sequence[Callback],
                  nonfinite: str):
         self.state, self.frozen, self.steps, self.step = state, frozen, steps, int(state.step)
         self.batch: Any = None
+        self.data_wait: list[float] = []
         self.history: list[dict[str, float]] = []
         self.skipped: list[int] = []
         self._callbacks, self._nonfinite = tuple(callbacks), nonfinite
@@ -187,12 +193,15 @@ class Callback:
 
 @dataclasses.dataclass(frozen=True)
 class FitResult:
-    """What :func:`fit` returns: the trained tree, the final state and every row logged during the call."""
+    """What :func:`fit` returns: the trained tree, the final state, every row logged during the call, the skipped
+    steps and the seconds each step of the call waited for its batch (``data_wait_s``; ~0 when prefetching hides the
+    input work)."""
 
     params: PyTree
     state: TrainState
     history: list[dict[str, float]]
     skipped: list[int]
+    data_wait_s: tuple[float, ...] = ()
 
 
 def fit(
@@ -216,6 +225,7 @@ def fit(
     rules: Sequence[tuple[str, Sequence[str | None]]] = (),
     logical: Mapping[str, sharding.MeshAxes] | None = None,
     batch_axes: Sequence[str] = ("data", "fsdp"),
+    prefetch: int = 2,
 ) -> FitResult:
     """Train the trainable part of `params` for `steps` optimizer steps.
 
@@ -236,13 +246,22 @@ def fit(
       nonfinite: "stop" (raise NonFiniteError) or "skip" (warn) on a non-finite loss or gradient norm.
       mesh: train on this device mesh (:func:`jgoat.mesh`): base, adapters and optimizer state placed by
         :func:`jgoat.shardings` (with `rules` / `logical`), batches split over `batch_axes`, whose size must divide
-        the batch (and each micro-batch). None: the default device, as before.
+        the batch (and each micro-batch). None: the default device, as before. With several processes
+        (``jax.distributed``), `batches` gives this process's rows of each global batch
+        (:func:`jgoat.sharding.process_rows`), placed with :func:`jgoat.sharding.place_batch`.
+      prefetch: produce and place the batches of the next this many steps in a background thread while the step
+        runs (:class:`jgoat.pipeline.Prefetcher`), in step order; 0: each batch when its step starts. Either way
+        step s trains on ``batches(s)`` (an iterable is read ahead by up to `prefetch` items), an error raised
+        producing it is raised at step s, and callbacks see the host batch as ``loop.batch``.
 
     Returns:
-      FitResult(params, state, history, skipped steps).
+      FitResult(params, state, history, skipped steps, data_wait_s: the seconds each step of this call waited for
+      its batch).
     """
     if steps <= 0 or log_every <= 0 or grad_accum <= 0:
         raise JgoatError(f"steps, log_every and grad_accum must be > 0, got {steps}, {log_every}, {grad_accum}")
+    if prefetch < 0:
+        raise JgoatError(f"prefetch must be >= 0 (0: no prefetching), got {prefetch}")
     if nonfinite not in NONFINITE:
         raise JgoatError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     trainable, frozen = split(params)
@@ -261,20 +280,24 @@ def fit(
         step_fn = make_step(loss_fn, tx, **knobs, mesh=mesh, state_shardings=state_sh, frozen_shardings=frozen_sh,
                             batch_axes=batch_axes)
     next_batch = batches if callable(batches) else functools.partial(lambda it, _: next(it), iter(batches))
+    place = jax.device_put if mesh is None else functools.partial(sharding.place_batch, mesh=mesh,
+                                                                   batch_axes=batch_axes)
     loop = Loop(state, frozen, steps, callbacks, nonfinite)
     loop._dispatch("on_train_begin")
-    for step in range(loop.step, steps):
-        loop._dispatch("on_step_begin", step)
-        loop.batch = next_batch(step)
-        loop.state, metrics = step_fn(loop.state, frozen, loop.batch, key)
-        loop.step = step + 1
-        loop._pending.append((step + 1, metrics))
-        if loop.step % log_every == 0:
-            loop.flush()
-        loop._dispatch("on_step_end", loop.step)
+    with pipeline.Prefetcher(next_batch, place, loop.step, steps, depth=prefetch) as feed:
+        loop.data_wait = feed.waits
+        for step in range(loop.step, steps):
+            loop._dispatch("on_step_begin", step)
+            loop.batch, batch = feed.next()
+            loop.state, metrics = step_fn(loop.state, frozen, batch, key)
+            loop.step = step + 1
+            loop._pending.append((step + 1, metrics))
+            if loop.step % log_every == 0:
+                loop.flush()
+            loop._dispatch("on_step_end", loop.step)
     loop.flush()
     loop._dispatch("on_train_end")
-    return FitResult(loop.params, loop.state, loop.history, loop.skipped)
+    return FitResult(loop.params, loop.state, loop.history, loop.skipped, tuple(loop.data_wait))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,10 +403,11 @@ class WandbLogger(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar (on a terminal) with the latest fetched task loss and a throughput from ``units(batch)``."""
+    """A tqdm bar (on a terminal) with the latest fetched task loss, a throughput from ``units(batch)`` and the mean
+    time the loop waited for data per step since the last update (``wait_ms``)."""
 
     def __init__(self, desc: str, *, units: Callable[[Any], int] | None = None, unit: str = "tok_s"):
-        self.desc, self.units, self.unit, self.count = desc, units, unit, 0
+        self.desc, self.units, self.unit, self.count, self.seen = desc, units, unit, 0, 0
 
     def on_train_begin(self, loop: Loop) -> None:
         from tqdm.auto import tqdm
@@ -399,8 +423,9 @@ class ProgressBar(Callback):
         train = [r for r in rows if "task_loss" in r]
         if train:
             rate = self.count / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix({"loss": f"{train[-1]['task_loss']:.3f}", self.unit: f"{rate:.0f}"})
+            waits, self.seen = loop.data_wait[self.seen:], len(loop.data_wait)
+            wait = {"wait_ms": f"{1e3 * sum(waits) / len(waits):.1f}"} if waits else {}
+            self.bar.set_postfix({"loss": f"{train[-1]['task_loss']:.3f}", self.unit: f"{rate:.0f}", **wait})
 
     def on_train_end(self, loop: Loop) -> None:
         self.bar.close()
-
