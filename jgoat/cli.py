@@ -72,6 +72,10 @@ IA3_DEFAULTS = {
 }
 
 
+# methods whose config has no ``compute_dtype`` (no adapter matmuls of their own, or the "auto" policy only)
+NO_COMPUTE_DTYPE = ("frozen", "full", "prompt", "prefix", "houlsby", "pfeiffer")
+
+
 def method_config(args: argparse.Namespace, model_type: str | None = None) -> Any:
     """The adapter config a method name and the CLI knobs describe (None: "frozen" head only, "full" FT).
 
@@ -81,8 +85,14 @@ def method_config(args: argparse.Namespace, model_type: str | None = None) -> An
     targets = args.targets or "all-linear"
     common = dict(targets=targets, dropout=args.adapter_dropout, modules_to_save=saved)
     method = args.method
+    policy = getattr(args, "compute_dtype", "auto")  # estimate-memory has no --compute-dtype
+    if policy != "auto" and method in NO_COMPUTE_DTYPE:
+        raise JgoatError(f"--compute-dtype {policy}: --method {method} has no adapter dtype policy (only the "
+                         "adapters of the LoRA family, GOAT / MoLoRA, KaSA, GoRA, LoRI and (IA)³ have one): drop "
+                         "--compute-dtype or use --dtype")
     if method in ("frozen", "full"):
         return None
+    common["compute_dtype"] = policy
     if method == "goat":
         return jgoat.GoatConfig(rank=args.rank, experts=args.experts, top_k=args.top_k, alpha=args.alpha,
                                 scaling=args.scaling, init=args.goat_init, eta=args.eta, rho=args.rho, **common)
@@ -218,6 +228,10 @@ def train_parser() -> jsonargparse.ArgumentParser:
     t.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute and base-weight dtype (auto: bfloat16 on GPU/TPU as published, float32 on CPU); "
                         "adapters and the head stay float32")
+    t.add_argument("--compute-dtype", default="auto", choices=jgoat.core.COMPUTE_DTYPES,
+                   help="adapter maths dtype policy (AdapterConfig.compute_dtype): auto = the activation dtype "
+                        "(--dtype), or float32 / bfloat16 / float16 operands with float32 accumulation; router, "
+                        "top-k, aux, parameters and optimizer state stay float32")
     t.add_argument("--remat", default=None, help="sft: remat policy of the decoder layers (e.g. full, dots)")
     t.add_argument("--aux-coeff", type=float, default=1e-3)
     t.add_argument("--aux-count-padding", default=False, action=_switch(),
@@ -243,6 +257,13 @@ def train_parser() -> jsonargparse.ArgumentParser:
                    help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor, expert; their product is the "
                         "device count, data fills what the others leave); default: every device on data (data "
                         "parallel). Batches are split over data×fsdp")
+    t.add_argument("--coordinator", default=None,
+                   help="multi-host: HOST:PORT of process 0's coordinator (jax.distributed), given to every process "
+                        "with --num-processes and --process-id (or JAX_COORDINATOR_ADDRESS); none of the three on a "
+                        "cluster jax detects itself (Cloud TPU VM, SLURM, Open MPI)")
+    t.add_argument("--num-processes", type=int, default=None, help="multi-host: how many processes take part")
+    t.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index (0: the one "
+                                                                "that writes logs, plots and the adapter)")
     t.add_argument("--debug", default=False, action=_switch(), help="show tracebacks of errors")
     return t
 
@@ -396,8 +417,9 @@ POSITIVE = ("batch_size", "save_every", "log_every", "eval_batch_size", "max_len
 FINITE_POSITIVE = ("lr", "head_lr", "alpha", "eta", "rho", "gora_lr_init")
 FINITE_NON_NEGATIVE = ("weight_decay", "clip_norm", "aux_coeff", "kasa_beta", "kasa_gamma")
 # what a --resume may not change unless --allow-change names it: every setting but these run-time ones
-# (the mesh may change on --resume: checkpoints restore onto any mesh)
-RUNTIME = ("command", "resume", "allow_change", "debug", "out", "baseline", "wandb", "log_every", "mesh")
+# (the mesh and the process count may change on --resume: checkpoints restore onto any mesh)
+RUNTIME = ("command", "resume", "allow_change", "debug", "out", "baseline", "wandb", "log_every", "mesh",
+           "coordinator", "num_processes", "process_id")
 
 
 def _flag(name: str) -> str:
@@ -657,9 +679,19 @@ def total_steps(args: argparse.Namespace, n_train: int) -> tuple[int, int]:
 
 
 def attach(task: tasks.Task, cfg: Any, name: str, key: jax.Array, args: argparse.Namespace,
-           out: pathlib.Path) -> dict:
-    """The params tree `name` trains: the base (NF4 with --quantize nf4) with the method's adapter or markers."""
-    params = jgoat.quantize_nf4(task.params) if args.quantize == "nf4" else task.params
+           out: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
+    """The params tree `name` trains, on `mesh`: the base (NF4 with --quantize nf4) with the method's adapter or
+    markers.
+
+    The base stays where :func:`load_task` loaded it (already on `mesh`; a base on one device, as :func:`fit` gets
+    it, is sharded first); NF4 codes and the adapters of ``jgoat.wrap`` are born sharded (each kernel's quantisation
+    and each adapter's init jitted with the shardings ``jgoat.shardings`` assigns them), so no device ever holds
+    the whole base. GoRA's adapters and the graph-changing params (prompt / prefix tables, bottleneck adapters) are
+    built whole and placed by :func:`run` (they are small); the gradients GoRA ranks layers by are computed on the
+    sharded base."""
+    place = functools.partial(sharding.shardings, mesh=mesh)
+    base = sharding.shard(task.params, mesh)  # a no-op for a base loaded onto the mesh
+    params = jgoat.quantize_nf4(base, shardings=place) if args.quantize == "nf4" else base
     model_config = getattr(task.model, "config", None)
     if cfg is None:  # frozen: only the new head trains; full: every top-level module (encoder and head) trains
         return jgoat.mark_trainable(params, ["classifier"] if name == "frozen" else sorted(params))
@@ -677,10 +709,10 @@ def attach(task: tasks.Task, cfg: Any, name: str, key: jax.Array, args: argparse
         # Ḡ over the first --gora-batches training batches, of the full-precision base even under --quantize nf4
         batches = (task.train.batch(data_lib.batch_indices(len(task.train), args.batch_size, args.seed, i))
                    for i in range(args.gora_batches))
-        grads = jgoat.gora_gradients(task.params, functools.partial(tasks.loss, task.kind, task.model, rng=None),
+        grads = jgoat.gora_gradients(base, functools.partial(tasks.loss, task.kind, task.model, rng=None),
                                      batches, targets=cfg, n_batches=args.gora_batches)
         return jgoat.gora_wrap(params, cfg, grads, key=key)
-    tree = jgoat.wrap(params, cfg, key=key)
+    tree = jgoat.wrap(params, cfg, key=key, shardings=place)
     if name == "lori_s":  # LoRI-S: the LoRI-D run's global magnitude mask, B restarted from 0 under it
         dense_ckpt = out.parent / "lori" / "checkpoints"
         if jgoat.latest_step(dense_ckpt) is None:
@@ -737,9 +769,10 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
     mesh = build_mesh(args)
-    tree = attach(task, cfg, name, key, args, out)
+    tree = attach(task, cfg, name, key, args, out, mesh)  # base and adapters already on the mesh
     trainable, frozen = jgoat.split(tree)
-    # base and adapters placed on the mesh (a checkpoint restores straight onto these shardings, whatever mesh saved)
+    # what attach built whole (prompt / prefix / bottleneck / GoRA params, a head cast to float32) placed on the mesh
+    # too, the rest left where it is (a checkpoint restores straight onto these shardings, whatever mesh saved)
     tree = sharding.shard(jgoat.combine(_as_float32(trainable), frozen), mesh)
     trainable, frozen = jgoat.split(tree)
     steps, per_epoch = total_steps(args, len(task.train))
@@ -826,9 +859,10 @@ def resolve_model(model: str | None) -> str | None:
 
 
 def load_task(args: argparse.Namespace) -> tasks.Task:
-    """The model and data `args` describe; the embedded default when no --model / --data is given."""
+    """The model and data `args` describe (the embedded default when no --model / --data is given), the model loaded
+    straight onto the --mesh (:func:`build_mesh`): each device receives only its shards of the base."""
     args = argparse.Namespace(**{**vars(args), "model": resolve_model(args.model)})
-    key, dtype = jax.random.key(args.seed), compute_dtype(args.dtype)
+    key, dtype, mesh = jax.random.key(args.seed), compute_dtype(args.dtype), build_mesh(args)
     plain_csv = args.data is None or (args.data.endswith(".csv") and args.eval_data is None
                                       and args.text_pair_column is None)
     if args.task == "classify" and plain_csv:
@@ -837,12 +871,13 @@ def load_task(args: argparse.Namespace) -> tasks.Task:
             load_tokenizer(model_dir), path=args.data, max_length=args.max_length, test_size=args.test_size,
             seed=args.seed, text_column=args.text_column, label_column=args.label_column or "sentiment",
             encoding=args.encoding)
-        model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=key, dtype=dtype)
+        model, params, _ = from_pretrained(model_dir, num_labels=len(data.label_names), key=key, dtype=dtype,
+                                           mesh=mesh)
         return tasks.classify_task(model, params, data, model_dir)
     if args.model is None:
         raise JgoatError(f"--task {args.task} needs --model (a HF checkpoint folder)")
     loader = {"classify": tasks.load_classify, "sft": tasks.load_sft, "image": tasks.load_image}[args.task]
-    return loader(args, model_dir=args.model, dtype=dtype, key=key)
+    return loader(args, model_dir=args.model, dtype=dtype, key=key, mesh=mesh)
 
 
 def check_method(args: argparse.Namespace, task: tasks.Task) -> Any:
