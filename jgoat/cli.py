@@ -38,6 +38,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -476,6 +477,77 @@ def describe_mesh(mesh: jax.sharding.Mesh) -> str:
             f"data×fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
 
 
+DISTRIBUTED = ("coordinator", "num_processes", "process_id")
+
+
+def _cluster_detected() -> bool:
+    """Whether this process runs where ``jax.distributed.initialize()`` finds its coordinator, process count and id
+    itself: jax's own detection (Cloud TPU VM / GKE, SLURM, Open MPI, Kubernetes with the kubernetes package), the
+    clusters it tries when called with no arguments. jax has no public name for that list."""
+    from jax._src import clusters
+
+    return any(not env.opt_in_only_method and env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """Multi-host: join the other processes (``jax.distributed.initialize``) before anything touches a JAX backend.
+
+    The coordinator, process count and id come from --coordinator / --num-processes / --process-id (the coordinator
+    also from JAX_COORDINATOR_ADDRESS, which jax reads itself), or, with none of them, from a cluster jax detects
+    (:func:`_cluster_detected`). Neither: one process, nothing to start. On the CPU platform the processes' collectives
+    are gloo's (jax's default, set unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chooses). A partial or inconsistent set is
+    a JgoatError, raised before anything starts."""
+    given = {name: getattr(args, name, None) for name in DISTRIBUTED}
+    address = given["coordinator"] or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if all(v is None for v in given.values()):
+        if not _cluster_detected():
+            if address is not None:
+                raise JgoatError(f"JAX_COORDINATOR_ADDRESS={address} is set but jax finds no cluster (SLURM, Open "
+                                 "MPI, Cloud TPU) to read the process count and id from: give --num-processes N and "
+                                 "--process-id I too, or unset it for one process")
+            return
+        _initialize()
+        return
+    missing = [_flag(n) for n, v in given.items() if v is None and not (n == "coordinator" and address)]
+    if missing:
+        have = ", ".join(f"{_flag(n)} {v}" for n, v in given.items() if v is not None)
+        raise JgoatError(f"{have}: multi-host needs --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS), "
+                         f"--num-processes and --process-id together; missing {', '.join(missing)}")
+    n, i = given["num_processes"], given["process_id"]
+    if n < 1:
+        raise JgoatError(f"--num-processes {n}: must be a positive integer")
+    if not 0 <= i < n:
+        raise JgoatError(f"--process-id {i}: must be in 0..{n - 1} (--num-processes {n})")
+    host, colon, port = address.rpartition(":")
+    if not (host and colon and port.isdigit() and 0 < int(port) < 65536):
+        raise JgoatError(f"--coordinator {address}: not HOST:PORT (e.g. 10.0.0.1:1234, the same on every process)")
+    if n > 1:
+        _initialize(address, n, i)
+
+
+def _initialize(*where) -> None:
+    """``jax.distributed.initialize(*where)`` (no arguments: jax's cluster detection), gloo collectives on CPU."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise JgoatError("multi-host: this process already ran JAX, and jax.distributed must start first: run "
+                         "`jgoat train` in a fresh process")
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(*where)
+
+
+def describe_process(mesh: jax.sharding.Mesh, batch_size: int) -> str:
+    """The line each of several processes prints at start: which rows of every global batch it reads."""
+    rows = sharding.process_rows(mesh, batch_size)
+    starts = [r for k, r in enumerate(rows) if k == 0 or rows[k - 1] != r - 1]
+    ends = [r for k, r in enumerate(rows) if k == len(rows) - 1 or rows[k + 1] != r + 1]
+    spans = ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in zip(starts, ends, strict=True))
+    mine = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return (f"process {jax.process_index()}/{jax.process_count()}: rows {spans} of every global batch of "
+            f"{batch_size} ({mine} of {_devices(mesh.size)})")
+
+
 def local_source(flag: str, value: str, resolve) -> str:
     """--model / --data / --eval-data as a local path: the path itself, else (a Hub repo id ``owner/name``) its
     snapshot, fetched now into huggingface_hub's cache before anything loads (:mod:`jgoat.hub`); else a JgoatError."""
@@ -615,7 +687,8 @@ def restore_intact(ckpt: pathlib.Path, tree, opt_state) -> tuple[Any, Any, dict]
             failed.append((step, err))
             continue
         for bad, err in failed:
-            os.replace(ckpt / str(bad), ckpt / f"{bad}.corrupt")
+            if jax.process_index() == 0:  # one process moves it (every process read the same folders)
+                os.replace(ckpt / str(bad), ckpt / f"{bad}.corrupt")
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             print(f"jgoat: warning: checkpoint {ckpt / str(bad)} is unreadable ({first}); moved it to "
                   f"{bad}.corrupt and resumed from step {step}", file=sys.stderr)
@@ -764,7 +837,12 @@ def _kept_rows(path: pathlib.Path, start: int, steps: int) -> list[str]:
 def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
         callbacks: Sequence[trainer.Callback] = ()) -> dict[str, Any]:
     """Train one method with :func:`jgoat.fit`; outputs under <out>/<name>/ (checkpoints, config.json,
-    metrics.jsonl, tensorboard/, plots, result.json, the exported adapter). `callbacks` run first at each hook."""
+    metrics.jsonl, tensorboard/, plots, result.json, the exported adapter). `callbacks` run first at each hook.
+
+    With several processes (``jax.distributed``) each reads only its rows of every global batch
+    (:func:`jgoat.sharding.process_rows`); every process takes part in checkpoint saves and restores (orbax writes
+    each process's shards), evaluation and the adapter export (collectives), and process 0 alone writes the rest."""
+    primary = jax.process_index() == 0
     out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
@@ -790,10 +868,11 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
     elif args.resume:
         print(f"[{name}] no checkpoint in {ckpt}: starting at step 0")
     config = run_config(args)
-    _write_atomic(out / "config.json", json.dumps(config, indent=2))
     metrics_path = out / "metrics.jsonl"
-    kept = _kept_rows(metrics_path, start, steps) if start else []
-    _write_atomic(metrics_path, "".join(line + "\n" for line in kept))  # never reopened with "w": replaced whole
+    if primary:
+        _write_atomic(out / "config.json", json.dumps(config, indent=2))
+        kept = _kept_rows(metrics_path, start, steps) if start else []
+        _write_atomic(metrics_path, "".join(line + "\n" for line in kept))  # never reopened with "w": replaced whole
     loads: list = []
 
     def evaluate(params):
@@ -803,23 +882,27 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
 
     hooks = [*callbacks,
              trainer.Evaluate(evaluate, every=per_epoch, at_end=True, epoch_steps=per_epoch),
-             trainer.Checkpoint(ckpt, args.save_every, metadata={"method": name, "config": config}),
-             trainer.JsonlLogger(metrics_path),
-             trainer.ProgressBar(f"{name:>8}", units=functools.partial(tasks.throughput_units, task.kind),
-                                 unit="img_s" if task.kind == "image" else "tok_s")]
-    try:
-        hooks.append(trainer.TensorBoardLogger(out / "tensorboard"))
-    except ImportError:
-        print(f"[{name}] no tensorboard events: pip install tensorboard")
-    if args.wandb:
-        hooks.append(trainer.WandbLogger(project="jgoat", name=f"{pathlib.Path(args.out).name}/{name}",
-                                         config=config, dir=str(out)))
+             trainer.Checkpoint(ckpt, args.save_every, metadata={"method": name, "config": config})]
+    if primary:
+        hooks += [trainer.JsonlLogger(metrics_path),
+                  trainer.ProgressBar(f"{name:>8}", units=functools.partial(tasks.throughput_units, task.kind),
+                                      unit="img_s" if task.kind == "image" else "tok_s")]
+        try:
+            hooks.append(trainer.TensorBoardLogger(out / "tensorboard"))
+        except ImportError:
+            print(f"[{name}] no tensorboard events: pip install tensorboard")
+        if args.wandb:
+            hooks.append(trainer.WandbLogger(project="jgoat", name=f"{pathlib.Path(args.out).name}/{name}",
+                                             config=config, dir=str(out)))
+    # the global batch's example indices are the same on every process; each reads only the rows its devices hold
+    rows = sharding.process_rows(mesh, args.batch_size) if jax.process_count() > 1 else slice(None)
     loss_fn = functools.partial(tasks.loss, task.kind, task.model, aux_count_padding=args.aux_count_padding)
     t0 = time.perf_counter()
     try:
         fitted = trainer.fit(
             jgoat.combine(trainable, frozen), loss_fn,
-            lambda step: task.train.batch(data_lib.batch_indices(len(task.train), args.batch_size, args.seed, step)),
+            lambda step: task.train.batch(
+                data_lib.batch_indices(len(task.train), args.batch_size, args.seed, step)[rows]),
             tx=tx, steps=steps, key=key, callbacks=hooks, state=state, grad_accum=args.grad_accum,
             weight_fn=functools.partial(tasks.weight, task.kind), aux_coeff=args.aux_coeff,
             clip_norm=args.clip_norm or None, schedule=cosine_schedule(lr, steps, warmup_ratio=args.warmup_ratio),
@@ -833,16 +916,33 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
     result = {"method": name, "steps": steps, "seconds": time.perf_counter() - t0,
               **({"eval_loss": metrics["loss"]} if task.kind == "sft" else {"test_accuracy": metrics["accuracy"]}),
               "eval": metrics, "summary": jgoat.summary(final)}
-    _write_atomic(out / "result.json", json.dumps(result, indent=2))
-    try:
-        print(f"[{name}] {export_adapter(final, cfg, out, task.model_dir)}")
-    except ValueError as err:  # the run is done and checkpointed: say why the export is missing, do not fail
-        print(f"[{name}] adapter export failed: {err}")
+    if primary:
+        _write_atomic(out / "result.json", json.dumps(result, indent=2))
+    if jax.process_count() > 1:  # adapters whole on every process; the export's base fingerprint is a collective
+        final = _replicated_adapters(final, mesh)
+    with tempfile.TemporaryDirectory() as scratch:  # so every process exports, and only process 0's is kept
+        try:
+            written = export_adapter(final, cfg, out if primary else pathlib.Path(scratch), task.model_dir)
+        except ValueError as err:  # the run is done and checkpointed: say why the export is missing, do not fail
+            written = f"adapter export failed: {err}"
+    if not primary:
+        return result
+    print(f"[{name}] {written}")
     try:
         plot_run(out, loads[0] if loads else None)
     except ImportError as err:
         print(f"[{name}] no plots: {err}")
     return result
+
+
+def _replicated_adapters(tree, mesh: jax.sharding.Mesh):
+    """`tree` with its adapter leaves (and modules_to_save) replicated on `mesh`: whole on every process, so host
+    code (the export) reads them; the base stays sharded."""
+    saved = jgoat.core.saved_prefixes(tree)
+    copy = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: copy(x) if jgoat.core.is_adapter_path(jax.tree_util.keystr(p, simple=True, separator="/"), saved)
+        else x, tree)
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -907,7 +1007,10 @@ def train(args: argparse.Namespace, callbacks: Sequence[trainer.Callback] = ()) 
     """`jgoat train` after parsing: validate, load, train the baseline and the method, report."""
     validate(args)
     check_resume(args)
-    print(describe_mesh(build_mesh(args)))
+    mesh = build_mesh(args)
+    print(describe_mesh(mesh))
+    if jax.process_count() > 1:
+        print(describe_process(mesh, args.batch_size))
     task = load_task(args)
     cfg = check_method(args, task)
     labels = f", labels {task.label_names}" if task.label_names else ""
@@ -922,6 +1025,8 @@ def train(args: argparse.Namespace, callbacks: Sequence[trainer.Callback] = ()) 
         baseline = name == "frozen" and args.method != "frozen"
         lr = args.head_lr if baseline else 10 * args.lr if name == "lori_s" else args.lr  # LoRI-S: the paper's 10x
         results.append(run(args, name, None if name == "frozen" else cfg, task, lr, callbacks))
+    if jax.process_index() != 0:  # process 0 reports and writes for all
+        return results
     print(results[-1]["summary"])
     metric = "eval_loss" if task.kind == "sft" else "test_accuracy"
     print(f"\n{'method':<10}{metric.replace('_', ' '):>15}{'seconds':>10}")
@@ -956,6 +1061,7 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[trainer.Callback]
                 return _estimate_on_cpu_devices(argv, needed)
             estimate_memory(args)
             return 0
+        start_processes(args)  # several processes: joined before anything touches a JAX backend
         train(args, callbacks)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as err:  # JgoatError is a ValueError

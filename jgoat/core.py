@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.experimental import multihost_utils
 
 from jgoat.errors import JgoatError
 
@@ -464,7 +465,10 @@ def fingerprint(tree: PyTree) -> str:
                                         np.arange(min(n, 64)), np.arange(max(n - 64, 0), n)]))
         # the flat (C-order) positions as per-dim indices: a sharded leaf is sampled in place, never reshaped to 1-D
         # (which would gather it onto every device)
-        sample = np.asarray(leaf[np.unravel_index(idx, leaf.shape)] if leaf.ndim else leaf).reshape(-1)
+        sample = leaf[np.unravel_index(idx, leaf.shape)] if leaf.ndim else leaf
+        if isinstance(sample, jax.Array) and not sample.is_fully_addressable:  # spread over several processes:
+            sample = multihost_utils.process_allgather(sample, tiled=True)  # every process gathers the samples
+        sample = np.asarray(sample).reshape(-1)
         h.update(f"{path}|{tuple(leaf.shape)}|{sample.dtype}|".encode())
         h.update(sample.tobytes())
     return h.hexdigest()
