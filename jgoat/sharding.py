@@ -413,11 +413,9 @@ def place_batch(batch: PyTree, mesh: Mesh, *, batch_axes: Sequence[str] = ("data
     if jax.process_count() == 1:
         return jax.device_put(batch, sh)
 
-    def place(x):
-        x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sh, x, (x.shape[0] * jax.process_count(), *x.shape[1:]))
-
-    return jax.tree.map(place, batch)
+    # the global shape inferred from the sharding: processes whose devices hold the same rows (an axis other than
+    # `batch_axes` spanning processes) each give those rows, not a share of their own
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), batch)
 
 
 def sharded_step(step_fn: Callable, mesh: Mesh, state_sh: TrainState, frozen_sh: PyTree, *,

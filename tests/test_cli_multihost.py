@@ -152,6 +152,26 @@ def test_resume_on_two_processes_from_one(files, tmp_path):
     assert err <= RTOL, err
 
 
+def test_each_process_reads_its_rows_of_the_global_batch(tmp_path):
+    """`sharding.process_rows` + `place_batch` on two processes: rows in blocks, interleaved (the processes' devices
+    alternate on the mesh) and shared (tensor=4 spans both processes, so both hold every row); the global array
+    gathered back is the global batch, exactly."""
+    port = free_port()
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_rows_check.py"), str(i), str(port), str(outs[i])],
+                              env=ENV4, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
+    reports = [json.loads(o.read_text()) for o in outs]
+    expected = {"blocks": [list(range(8)), list(range(8, 16))],
+                "interleaved": [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]],
+                "shared": [list(range(16)), list(range(16))]}
+    for name, rows in expected.items():
+        for i in range(2):
+            assert reports[i][name] == {"rows": rows[i], "shape": [16, 3], "equal": True}, (name, i, reports[i])
+
+
 BAD_FLAGS = [  # (extra argv, extra environment, a piece of the one-line message)
     (["--num-processes", "2"], {}, "missing --coordinator, --process-id"),
     (["--coordinator", "localhost:1234", "--process-id", "0"], {}, "missing --num-processes"),
