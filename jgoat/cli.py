@@ -91,6 +91,12 @@ def method_config(args: argparse.Namespace, model_type: str | None = None) -> An
         raise JgoatError(f"--compute-dtype {policy}: --method {method} has no adapter dtype policy (only the "
                          "adapters of the LoRA family, GOAT / MoLoRA, KaSA, GoRA, LoRI and (IA)³ have one): drop "
                          "--compute-dtype or use --dtype")
+    if getattr(args, "bucketing", False):  # estimate-memory has no --bucketing
+        if args.task != "classify":
+            raise JgoatError(f"--bucketing is for --task classify (sft packs its rows: --packing), not {args.task}")
+        if args.aux_count_padding and method in ("goat", "molora"):
+            raise JgoatError("--bucketing drops padding that --aux-count-padding counts in GOAT's aux loss (another "
+                             "number): drop one of them")
     if method in ("frozen", "full"):
         return None
     common["compute_dtype"] = policy
@@ -177,6 +183,11 @@ def train_parser() -> jsonargparse.ArgumentParser:
                    help="sft: pack several examples into each --max-length row (segment-masked attention, positions "
                         "restart per example; --batch-size then counts rows); padded rows with prompt tuning or "
                         "--aux-count-padding, or with --no-packing")
+    t.add_argument("--bucketing", default=False, action=_switch(),
+                   help="classify: training batches of similar length, each cut to the shortest of T/8, T/4, T/2, "
+                        "T (multiples of 16) that holds it (exact: only padding is dropped; a few more compiles). "
+                        "Off by default: at the default --max-length 48 it saves less than its compiles cost "
+                        "(BENCHMARKS.md); not with GOAT / MoLoRA under --aux-count-padding")
     t.add_argument("--image-column", default="image")
     t.add_argument("--encoding", default=None,
                    help="text encoding of CSV/JSON data files (default: UTF-8, else latin-1 with a warning)")
@@ -901,8 +912,7 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
     try:
         fitted = trainer.fit(
             jgoat.combine(trainable, frozen), loss_fn,
-            lambda step: task.train.batch(
-                data_lib.batch_indices(len(task.train), args.batch_size, args.seed, step)[rows]),
+            tasks.train_batches(task, args, rows),
             tx=tx, steps=steps, key=key, callbacks=hooks, state=state, grad_accum=args.grad_accum,
             weight_fn=functools.partial(tasks.weight, task.kind), aux_coeff=args.aux_coeff,
             clip_norm=args.clip_norm or None, schedule=cosine_schedule(lr, steps, warmup_ratio=args.warmup_ratio),

@@ -203,6 +203,44 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return epoch_order(n, seed, epoch)[pos * batch_size:(pos + 1) * batch_size]
 
 
+def row_lengths(mask: np.ndarray) -> np.ndarray:
+    """Per row of a right-padded [N, T] attention mask: the position after its last real token (1 for a row with
+    none, so that it keeps a column)."""
+    mask = np.asarray(mask) != 0
+    return np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 1)
+
+
+def bucket_lengths(max_length: int, multiple: int = 16) -> tuple[int, ...]:
+    """The row lengths of length-bucketed training batches: T/8, T/4, T/2 and T rounded up to a multiple of
+    `multiple` (capped at T = `max_length`), so that a run compiles its step for at most four shapes (three at the
+    default T = 48: 16, 32, 48)."""
+    return tuple(sorted({min(max_length, -(-(max_length >> k) // multiple) * multiple) for k in range(4)}))
+
+
+def bucketed_batch_indices(lengths: np.ndarray, batch_size: int, seed: int, step: int, *,
+                           chunk_batches: int = 50) -> np.ndarray:
+    """Example indices of global step `step`, batched by length: each epoch takes the examples of
+    :func:`batch_indices`' epoch (the same seeded permutation, the same last partial batch dropped), cuts them into
+    chunks of `chunk_batches` batches, sorts each chunk by `lengths` (stable) and cuts it into batches, and visits
+    the epoch's batches in a seeded random order. Every example is seen once per epoch, as without bucketing; a
+    batch holds examples of similar length (the chunks keep the order random at the scale of the epoch, so no phase
+    of training sees only short or only long examples); and the batch of a step is a pure function of
+    (`lengths`, `seed`, `step`), so a resumed run sees exactly the batches of an uninterrupted one."""
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} > number of training examples {n}")
+    epoch, pos = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch)[:per_epoch * batch_size]
+    chunk = chunk_batches * batch_size
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        order[start:start + chunk] = part[np.argsort(lengths[part], kind="stable")]
+    which = np.random.default_rng([seed, epoch, 1]).permutation(per_epoch)[pos]
+    return order[which * batch_size:(which + 1) * batch_size]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # `datasets` inputs for the sft / image / classify tasks
 

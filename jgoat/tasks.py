@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -118,6 +118,31 @@ def weight(task_kind: str, batch) -> jax.Array:
 def throughput_units(task_kind: str, batch) -> int:
     """Tokens (real, unpadded) of a text batch, images of an image batch: the progress bar's rate."""
     return int(batch["labels"].shape[0]) if task_kind == "image" else int(np.sum(batch["mask"]))
+
+
+def train_batches(task: Task, opts, rows: np.ndarray | slice = slice(None)) -> Callable[[int], dict[str, np.ndarray]]:
+    """``batch(step)`` of `jgoat train`'s loop, this process's `rows` of the global batch; a pure function of
+    ``opts.seed`` and the step (a resumed run sees the batches of an uninterrupted one).
+
+    Default: :func:`jgoat.data.batch_indices`' batches of full rows. ``opts.bucketing`` (classify): the batches of
+    :func:`jgoat.data.bucketed_batch_indices` (similar lengths), each trimmed to the shortest of
+    :func:`jgoat.data.bucket_lengths` that holds the longest example of the global batch. Trimming drops only
+    padding columns, keys every query masks out, that carry no label and none of the real tokens GOAT's aux and
+    expert load count (``aux_mask``): each example's loss and gradient are those of its full row up to float
+    rounding (tests/test_bucketing.py); only with --aux-count-padding, which counts the padding, would GOAT's aux
+    change (the CLI refuses the pair)."""
+    n, size, seed = len(task.train), opts.batch_size, opts.seed
+    if not (getattr(opts, "bucketing", False) and task.kind == "classify"):
+        return lambda step: task.train.batch(data_lib.batch_indices(n, size, seed, step)[rows])
+    mask = task.train.arrays["mask"]
+    lengths, widths = data_lib.row_lengths(mask), data_lib.bucket_lengths(mask.shape[1])
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        idx = data_lib.bucketed_batch_indices(lengths, size, seed, step)
+        width = next(w for w in widths if w >= lengths[idx].max())
+        return {k: v[:, :width] if v.ndim == 2 else v for k, v in task.train.batch(idx[rows]).items()}
+
+    return batch
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
