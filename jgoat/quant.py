@@ -30,7 +30,7 @@ codes, and the fp32 absmax without double quantisation, are bit-identical; tests
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -267,8 +267,15 @@ def _quantize_arrays(kernel: Array, *, n_stack: int, n_in: int, block_size: int,
     return jax.tree.map(lambda a: a.reshape(*stack, *a.shape[1:]), out)
 
 
+@functools.cache
+def _sharded_quantize(codes, absmax, absmax2, offset) -> Callable:
+    """:func:`_quantize_arrays` jitted with these output shardings."""
+    return jax.jit(_quantize_arrays.__wrapped__, static_argnames=("n_stack", "n_in", "block_size", "double_quant"),
+                   out_shardings={"codes": codes, "absmax": absmax, "absmax2": absmax2, "offset": offset})
+
+
 def quantize(kernel: Array, layout: Layout | None = None, *, double_quant: bool = True,
-             block_size: int = 64) -> NF4Kernel:
+             block_size: int = 64, sharding: NF4Kernel | None = None) -> NF4Kernel:
     """Quantise one (possibly stacked) Flax kernel to NF4.
 
     Args:
@@ -277,6 +284,8 @@ def quantize(kernel: Array, layout: Layout | None = None, *, double_quant: bool 
       double_quant: quantise the absmax statistics too (8-bit dynamic map, blocks of 256; bitsandbytes'
         ``compress_statistics=True``).
       block_size: elements per absmax block (bitsandbytes: 64 for NF4).
+      sharding: an NF4Kernel of shardings (from ``jgoat.shardings``): the quantisation's output shardings, the
+        codes and absmax are born sharded (same values).
     """
     if isinstance(kernel, NF4Kernel):
         raise ValueError("kernel is already NF4-quantised")
@@ -286,8 +295,9 @@ def quantize(kernel: Array, layout: Layout | None = None, *, double_quant: bool 
         raise ValueError(f"only floating-point kernels can be quantised, got dtype {kernel.dtype}")
     layout = layout or Layout(n_stack=max(kernel.ndim - 2, 0), n_in=1)
     layout.split(kernel.shape)  # validates that there are output dims
-    arrays = _quantize_arrays(kernel, n_stack=layout.n_stack, n_in=layout.n_in, block_size=block_size,
-                              double_quant=double_quant)
+    run = _quantize_arrays if sharding is None else _sharded_quantize(
+        sharding.codes, sharding.absmax, sharding.absmax2, sharding.offset)
+    arrays = run(kernel, n_stack=layout.n_stack, n_in=layout.n_in, block_size=block_size, double_quant=double_quant)
     return NF4Kernel(**arrays, layer_shape=tuple(int(d) for d in kernel.shape[layout.n_stack:]), n_in=layout.n_in,
                      dtype=np.dtype(kernel.dtype), block_size=block_size)
 
@@ -348,7 +358,7 @@ def dequantize_tree(params: PyTree, dtype: Any = None) -> PyTree:
 
 def quantize_nf4(params: PyTree, *, targets: str | Sequence[str] = "all-linear", exclude: str | Sequence[str] = (),
                  layouts: Mapping[str, Layout] | None = None, double_quant: bool = True,
-                 block_size: int = 64) -> dict:
+                 block_size: int = 64, shardings: Callable[[PyTree], PyTree] | None = None) -> dict:
     """QLoRA: store the targeted linear kernels of a base params tree as NF4 (`NF4Kernel`), bitsandbytes-exact.
 
     Quantise BEFORE ``jgoat.wrap`` (SVD inits such as PiSSA and GOAT then read the dequantised weights, so their
@@ -362,6 +372,9 @@ def quantize_nf4(params: PyTree, *, targets: str | Sequence[str] = "all-linear",
       layouts: optional per-module `Layout` from ``jgoat.probe`` (DenseGeneral/Einsum kernels).
       double_quant: also quantise the per-block absmax (8 bits, blocks of 256).
       block_size: absmax block (64 as QLoRA).
+      shardings: for params on a device mesh: a function from the (abstract) quantised tree to its shardings, e.g.
+        ``functools.partial(jgoat.shardings, mesh=mesh)``; each kernel's codes and absmax are then born sharded
+        (never gathered to one device). The arrays equal the unsharded quantisation's.
 
     Returns:
       The params tree with `NF4Kernel` nodes in place of the targeted kernels (biases and the rest untouched).
@@ -376,12 +389,17 @@ def quantize_nf4(params: PyTree, *, targets: str | Sequence[str] = "all-linear",
     if adapted:
         raise ValueError(f"params already hold adapters (e.g. at '{adapted[0]}'): quantise the base first, then "
                          "jgoat.wrap the quantised tree (SVD-based inits must read the quantised weights)")
+    placed = None
+    if shardings is not None:
+        placed = shardings(jax.eval_shape(functools.partial(
+            quantize_nf4, targets=targets, exclude=exclude, layouts=layouts, double_quant=double_quant,
+            block_size=block_size), params))
     for path in select_targets(params, AdapterConfig(targets=targets, exclude=exclude), layouts):
         kernel = get_at(params, path)["kernel"]
         if isinstance(kernel, NF4Kernel):
             continue
         node = quantize(kernel, layout_for(path, kernel, layouts), double_quant=double_quant,
-                        block_size=block_size)
+                        block_size=block_size, sharding=None if placed is None else get_at(placed, path)["kernel"])
         params = replace_at(params, path, lambda m, k=node: {**m, "kernel": k})
     return params
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 import jgoat
@@ -241,8 +242,10 @@ def train_and_eval(opts) -> tuple[Any, Any]:
                                      opts.seed, **read)
 
 
-def load_classify(opts, *, model_dir: str, dtype, key) -> Task:
-    """Encoder + labelled text from `datasets` (text column, optional text-pair column as GLUE, label column)."""
+def load_classify(opts, *, model_dir: str, dtype, key, mesh: Mesh | None = None) -> Task:
+    """Encoder + labelled text from `datasets` (text column, optional text-pair column as GLUE, label column); the
+    encoder and its new head loaded straight onto `mesh` (sharded by :data:`jgoat.sharding.PARAM_RULES`), or onto the
+    default device without one."""
     tokenizer = load_tokenizer(model_dir)
     train, held_out = train_and_eval(opts)
     label_column = opts.label_column or "label"
@@ -251,7 +254,7 @@ def load_classify(opts, *, model_dir: str, dtype, key) -> Task:
     for ds in (train, held_out):
         ids, mask = _tokenise_pairs(tokenizer, ds, opts.text_column, opts.text_pair_column, opts.max_length)
         splits.append(ArraySplit({"ids": ids, "mask": mask, "labels": data_lib.label_ids(ds, label_column, names)}))
-    model, params, _ = from_pretrained(model_dir, num_labels=len(names), key=key, dtype=dtype)
+    model, params, _ = from_pretrained(model_dir, num_labels=len(names), key=key, dtype=dtype, mesh=mesh)
     return Task("classify", model, params, splits[0], splits[1], names, opts.data, model_dir)
 
 
@@ -262,10 +265,11 @@ def sft_packing(opts) -> bool:
     return bool(opts.packing) and opts.method != "prompt" and not opts.aux_count_padding
 
 
-def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
+def load_sft(opts, *, model_dir: str, dtype, key, mesh: Mesh | None = None) -> Task:
     """Decoder + prompt/response or chat-messages data, tokenised (batched, cached on disk under
     :func:`jgoat.data.default_cache_dir`) with the tokenizer's chat template if any, packed per :func:`sft_packing`
-    (train and eval: the eval metrics are sums over response tokens, the same either way)."""
+    (train and eval: the eval metrics are sums over response tokens, the same either way); the decoder loaded
+    straight onto `mesh` (default device without one)."""
     tokenizer = load_tokenizer(model_dir)
     if opts.data is None:
         raise ValueError("--task sft needs --data (a json/jsonl/csv/parquet file, a data folder or a hub name)")
@@ -274,12 +278,13 @@ def load_sft(opts, *, model_dir: str, dtype, key) -> Task:
               messages_column=opts.messages_column, use_chat_template=opts.chat_template,
               packing=sft_packing(opts), cache_dir=data_lib.default_cache_dir())
     splits = [ArraySplit(data_lib.sft_arrays(tokenizer, ds, **kw)) for ds in (train, held_out)]
-    model, params, _ = from_pretrained(model_dir, dtype=dtype, remat_policy=opts.remat)
+    model, params, _ = from_pretrained(model_dir, dtype=dtype, remat_policy=opts.remat, mesh=mesh)
     return Task("sft", model, params, splits[0], splits[1], (), opts.data, model_dir, tokenizer)
 
 
-def load_image(opts, *, model_dir: str, dtype, key) -> Task:
-    """CLIP vision / ViT + a new linear head; images from an imagefolder or a table with image and label columns."""
+def load_image(opts, *, model_dir: str, dtype, key, mesh: Mesh | None = None) -> Task:
+    """CLIP vision / ViT + a new linear head, loaded straight onto `mesh` (default device without one); images from
+    an imagefolder or a table with image and label columns."""
     if opts.data is None:
         raise ValueError("--task image needs --data (an imagefolder directory, a table of image paths, or a hub name)")
     processor = read_preprocessor_config(model_dir)
@@ -296,7 +301,7 @@ def load_image(opts, *, model_dir: str, dtype, key) -> Task:
     def split(ds, where):
         return ImageSplit(ds, opts.image_column, data_lib.label_ids(ds, label_column, names), processor, where)
 
-    model, params, _ = from_pretrained(model_dir, num_labels=len(names), key=key, dtype=dtype)
+    model, params, _ = from_pretrained(model_dir, num_labels=len(names), key=key, dtype=dtype, mesh=mesh)
     return Task("image", model, params, split(train, base_dir), split(held_out, eval_dir), names, opts.data,
                 model_dir)
 
