@@ -15,8 +15,11 @@ import hashlib
 import heapq
 import importlib.util
 import json
+import math
 import os
 import pathlib
+import shutil
+import struct
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -453,12 +456,7 @@ def column(dataset, name: str, what: str = "data") -> list:
 
 def texts_of(dataset, name: str) -> list[str]:
     """The strings of a text column, as the list of str a tokenizer takes; a non-text value names its row."""
-    values = column(dataset, name, "text data")
-    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-    if bad is not None:
-        raise DataError(f"text column {name!r}, row {bad}: {type(values[bad]).__name__} {values[bad]!r} where "
-                        "text is expected")
-    return values
+    return _check_texts(column(dataset, name, "text data"), name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -601,15 +599,20 @@ def pack_sft(examples, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
     label t + 1), while in a packed row the previous example's last token would predict it. So every example's
     counted tokens, and with segment-masked attention and per-example positions its loss, are those of padding.
     """
-    cut = [(ex.ids[:max_length], ex.labels[:max_length]) for ex in examples]
-    rows = pack_rows([len(ids) for ids, _ in cut], max_length)
+    rows = pack_rows([min(len(ex.ids), max_length) for ex in examples], max_length)
+    return _fill_packed(examples.__getitem__, rows, max_length, pad_id)
+
+
+def _fill_packed(example, rows: list[list[int]], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """:func:`pack_sft`'s arrays of `rows` (lists of example indices, :func:`pack_rows`); `example(i)` is example i."""
     shape = (len(rows), max_length)
     ids, labels = np.full(shape, pad_id, np.int32), np.full(shape, IGNORE_INDEX, np.int32)
     segment_ids = np.zeros(shape, np.int32)
     for r, members in enumerate(rows):
         t = 0
         for s, i in enumerate(members, 1):
-            ex_ids, ex_labels = cut[i]
+            ex = example(i)
+            ex_ids, ex_labels = ex.ids[:max_length], ex.labels[:max_length]
             n = len(ex_ids)
             ids[r, t:t + n], labels[r, t + 1:t + n], segment_ids[r, t:t + n] = ex_ids, ex_labels[1:], s
             t += n
@@ -617,10 +620,7 @@ def pack_sft(examples, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On-disk cache of tokenised SFT examples
-
-_CACHE_VERSION = 1
-
+# On-disk, memory-mapped cache of tokenised examples (SFT and classification)
 
 def default_cache_dir() -> pathlib.Path:
     """Where tokenised data is cached: $JGOAT_CACHE, else $XDG_CACHE_HOME/jgoat, else ~/.cache/jgoat."""
@@ -643,45 +643,100 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def _write_examples(path: pathlib.Path, examples: list[SftExample]) -> None:
-    offsets = np.cumsum([0, *(len(ex.ids) for ex in examples)], dtype=np.int64)
-    flat = {k: np.fromiter((v for ex in examples for v in getattr(ex, k)), np.int64, int(offsets[-1]))
-            for k in ("ids", "labels")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, offsets=offsets, **flat)
-    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache entry
+_CACHE_VERSION = 2
+_CHUNK = 4096  # examples read, validated, tokenised and written at a time: the bound on the pipeline's host memory
 
 
-def _read_examples(path: pathlib.Path) -> list[SftExample] | None:
+class _NpzWriter:
+    """An uncompressed ``.npz`` (what ``np.savez`` writes, so ``np.load`` reads it) built chunk by chunk: each
+    member's chunks go to its own temporary file, :meth:`close` copies them into the archive after their ``.npy``
+    headers and renames it into place (atomic: a killed run leaves no half-written entry). Host memory: one chunk."""
+
+    def __init__(self, path: pathlib.Path, dtypes: dict[str, np.dtype | type], meta: dict | None = None):
+        self.path, self.meta = path, meta or {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        self._parts = {name: (np.dtype(dtype), open(self._tmp.with_suffix(f".{name}"), "wb"), [0, None])
+                       for name, dtype in dtypes.items()}
+
+    def append(self, **chunks: np.ndarray) -> None:
+        for name, chunk in chunks.items():
+            dtype, f, shape = self._parts[name]
+            chunk = np.ascontiguousarray(chunk, dtype)
+            shape[0] += len(chunk)
+            shape[1] = chunk.shape[1:]
+            f.write(chunk.tobytes())
+
+    def close(self) -> None:
+        try:
+            with zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED) as zf:
+                for name, (dtype, f, (rows, tail)) in self._parts.items():
+                    f.close()
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as out, open(f.name, "rb") as part:
+                        np.lib.format.write_array_header_2_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                                   "fortran_order": False,
+                                                                   "shape": (rows, *(tail or ()))})
+                        shutil.copyfileobj(part, out, 1 << 20)
+                zf.comment = json.dumps(self.meta).encode()
+            os.replace(self._tmp, self.path)
+        finally:
+            for _, f, _ in self._parts.values():
+                f.close()
+                pathlib.Path(f.name).unlink(missing_ok=True)
+            self._tmp.unlink(missing_ok=True)
+
+
+def open_npz(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(members, meta) of an uncompressed ``.npz``, every member memory-mapped read-only (an ndarray view of the
+    file: indexing reads only the rows asked for), or None if `path` is missing, unreadable or compressed."""
     try:
-        with np.load(path) as z:
-            offsets, ids, labels = z["offsets"], z["ids"].tolist(), z["labels"].tolist()
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing or unreadable: tokenise again
+        with zipfile.ZipFile(path) as zf:
+            infos, meta = zf.infolist(), json.loads(zf.comment or b"{}")
+        arrays = {}
+        with open(path, "rb") as f:
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                    return None
+                f.seek(info.header_offset)
+                local = f.read(30)
+                if local[:4] != b"PK\x03\x04":
+                    return None
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                         else np.lib.format.read_array_header_2_0)(f)
+                offset = f.tell()
+                if fortran or offset + math.prod(shape) * dtype.itemsize > path.stat().st_size:
+                    return None
+                arrays[info.filename[:-4]] = (np.zeros(shape, dtype) if math.prod(shape) == 0 else
+                                              np.memmap(path, dtype, "r", offset, shape).view(np.ndarray))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, struct.error):
         return None
-    return [SftExample(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return arrays, meta
 
 
-def cached_sft_examples(tokenizer, cache_dir: str | pathlib.Path | None, *, prompts=None, responses=None,
-                        chats=None, use_chat_template: bool = True) -> list[SftExample]:
-    """:func:`tokenize_sft_batch`, cached in `cache_dir` (None: no cache) under the sha256 of the tokenizer
-    (:func:`tokenizer_fingerprint`), the examples' text and the settings: a second run on the same data and
-    tokenizer reads the tokens back without calling the tokenizer. The cache holds untruncated tokens, so another
-    max_length or packing choice reuses it."""
-    kw = dict(prompts=prompts, responses=responses, chats=chats, use_chat_template=use_chat_template)
-    if cache_dir is None:
-        return tokenize_sft_batch(tokenizer, **kw)
-    key = hashlib.sha256(json.dumps(
-        {"version": _CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": use_chat_template,
-         "prompts": prompts, "responses": responses, "chats": chats},
-        sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")).hexdigest()
-    path = pathlib.Path(cache_dir) / "sft" / f"{key}.npz"
-    examples = _read_examples(path) if path.is_file() else None
-    if examples is None:
-        examples = tokenize_sft_batch(tokenizer, **kw)
-        _write_examples(path, examples)
-    return examples
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _chunks(dataset, columns: Sequence[str]):
+    """(start, {column: values}) of `dataset` in chunks of _CHUNK rows (the Arrow table stays on disk)."""
+    table = dataset.select_columns(list(columns)) if hasattr(dataset, "select_columns") else dataset
+    for start in range(0, len(dataset), _CHUNK):
+        yield start, table[start:start + _CHUNK]
+
+
+def _check_texts(values: list, name: str, start: int = 0) -> list[str]:
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(f"text column {name!r}, row {start + bad}: {type(values[bad]).__name__} {values[bad]!r} where "
+                        "text is expected")
+    return values
 
 
 def _chat_problem(messages) -> str | None:
@@ -700,15 +755,114 @@ def _rows(indices: list[int], limit: int = 5) -> str:
     return ", ".join(map(str, indices[:limit])) + (", ..." if len(indices) > limit else "")
 
 
+def _sft_inputs(dataset, prompt_column: str, response_column: str, messages_column: str):
+    """(chunks of tokenizer keyword arguments, the dataset's content digest, rows without an assistant turn): one
+    validating pass over `dataset` in chunks (a malformed chat or a non-text prompt/response is a DataError naming
+    its row), and a generator of the same chunks, re-read from the table, for the tokenizer."""
+    columns = set(dataset.column_names)
+    if messages_column in columns:
+        names = (messages_column,)
+    elif {prompt_column, response_column} <= columns:
+        names = (prompt_column, response_column)
+    else:
+        raise DataError(f"SFT data needs a '{messages_column}' column or '{prompt_column}' and '{response_column}' "
+                        f"columns; it has {sorted(columns)}")
+
+    def kwargs(start, part):
+        if names == (messages_column,):
+            chats = part[messages_column]
+            problems = [_chat_problem(m) for m in chats]
+            malformed = next((i for i, p in enumerate(problems) if p not in (None, "no assistant turn")), None)
+            if malformed is not None:
+                raise DataError(f"SFT column {messages_column!r}, row {start + malformed}: {problems[malformed]}")
+            return {"chats": [m for m, p in zip(chats, problems, strict=True) if p is None]}, \
+                [start + i for i, p in enumerate(problems) if p is not None]
+        return {"prompts": _check_texts(part[prompt_column], prompt_column, start),
+                "responses": _check_texts(part[response_column], response_column, start)}, []
+
+    digest, no_assistant = hashlib.sha256(), []
+    for start, part in _chunks(dataset, names):
+        kw, dropped = kwargs(start, part)
+        no_assistant += dropped
+        digest.update(_digest(kw).encode())
+
+    def chunks():
+        for start, part in _chunks(dataset, names):
+            yield kwargs(start, part)[0]
+
+    return chunks(), digest.hexdigest(), no_assistant
+
+
+def _sft_tokens(tokenizer, cache_dir: pathlib.Path, chunks, content: str, use_chat_template: bool):
+    """The examples' tokens (:func:`tokenize_sft_batch`, untruncated) as memory-mapped flat arrays (offsets [N + 1],
+    ids, labels), cached in `cache_dir`/sft under the sha256 of the tokenizer (:func:`tokenizer_fingerprint`), the
+    data's content and the settings: a second run reads them back without calling the tokenizer, and another
+    max_length or packing choice reuses them. Tokenised and written a chunk of examples at a time."""
+    key = _digest({"version": _CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
+                   "chat_template": use_chat_template, "content": content})
+    path = cache_dir / "sft" / f"{key}.npz"
+    opened = open_npz(path)
+    if opened is None:
+        writer = _NpzWriter(path, {"offsets": np.int64, "ids": np.int32, "labels": np.int32})
+        end = 0
+        writer.append(offsets=np.zeros(1, np.int64))
+        for kw in chunks:
+            examples = tokenize_sft_batch(tokenizer, **kw, use_chat_template=use_chat_template)
+            lengths = np.fromiter((len(ex.ids) for ex in examples), np.int64, len(examples))
+            writer.append(offsets=end + np.cumsum(lengths), ids=_flat(examples, "ids"),
+                          labels=_flat(examples, "labels"))
+            end += int(lengths.sum())
+        writer.close()
+        opened = open_npz(path)
+        if opened is None:
+            raise DataError(f"{path}: the token cache just written cannot be read back (is {cache_dir} writable?)")
+    return key, opened[0]
+
+
+def _flat(examples: list[SftExample], field: str) -> np.ndarray:
+    return np.fromiter((v for ex in examples for v in getattr(ex, field)), np.int32,
+                       sum(len(ex.ids) for ex in examples))
+
+
+def _examples(tokens: dict[str, np.ndarray], start: int, stop: int) -> list[SftExample]:
+    """Examples start..stop of the flat token arrays."""
+    offsets = tokens["offsets"][start:stop + 1]
+    ids = tokens["ids"][offsets[0]:offsets[-1]].tolist()
+    labels = tokens["labels"][offsets[0]:offsets[-1]].tolist()
+    rel = (offsets - offsets[0]).tolist()
+    return [SftExample(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(rel[:-1], rel[1:], strict=True)]
+
+
+def _has_target(ex: SftExample, max_length: int) -> bool:
+    """Whether an example keeps a response token within `max_length` (its first label is never a target)."""
+    return any(label != IGNORE_INDEX for label in ex.labels[1:max_length])
+
+
+def _drop_report(dropped: dict[str, list[int]], total: int, kept: int) -> str | None:
+    """None if nothing was dropped; else the DataWarning text (raised as a DataError when nothing is kept)."""
+    if not dropped:
+        return None
+    reasons = "; ".join(f"{len(v)} {why} (rows {_rows(v)})" for why, v in dropped.items())
+    if not kept:
+        raise DataError(f"no SFT example left: all {total} dropped: {reasons}")
+    return f"SFT data: dropped {total - kept} of {total} examples: {reasons}"
+
+
 def sft_arrays(tokenizer, dataset, *, max_length: int, prompt_column: str = "prompt",
                response_column: str = "response", messages_column: str = "messages",
                use_chat_template: bool = True, packing: bool = False,
                cache_dir: str | pathlib.Path | None = None) -> dict[str, np.ndarray]:
     """Tokenise a ``datasets.Dataset`` of prompt/response pairs or chat `messages` for causal-LM SFT.
 
-    The tokenizer is called on lists (:func:`tokenize_sft_batch`), and with `cache_dir` the tokens are cached on
-    disk (:func:`cached_sft_examples`). Rows are one example each, right-padded (:func:`pad_sft`: ids, mask,
-    labels), or with `packing` several examples each (:func:`pack_sft`, which adds segment_ids).
+    The tokenizer is called on lists (:func:`tokenize_sft_batch`). Rows are one example each, right-padded
+    (:func:`pad_sft`: ids, mask, labels), or with `packing` several examples each (:func:`pack_sft`, which adds
+    segment_ids).
+
+    With `cache_dir` nothing is held in host memory beyond a chunk of examples: the table is read, validated and
+    tokenised in chunks, the tokens cached on disk (untruncated, keyed by tokenizer, content and settings: another
+    max_length or layout reuses them), the rows written to a second cache entry (keyed by the tokens and the
+    layout), and the arrays returned are memory-mapped views of it (a batch reads only its rows). A second run reads
+    both back without calling the tokenizer. Without `cache_dir`, the arrays are built in memory.
 
     Examples that carry no loss are dropped and reported in a :class:`DataWarning` with their count, reason and rows:
     chats without an assistant turn, and examples with no response token left after truncation to `max_length`.
@@ -717,40 +871,112 @@ def sft_arrays(tokenizer, dataset, *, max_length: int, prompt_column: str = "pro
       DataError: missing columns, a malformed chat or a non-text prompt/response (naming the row), or no example
         left (saying why each was dropped).
     """
-    columns = set(dataset.column_names)
-    dropped: dict[str, list[int]] = {}
-    if messages_column in columns:
-        chats = column(dataset, messages_column)
-        problems = [_chat_problem(m) for m in chats]
-        malformed = next((i for i, p in enumerate(problems) if p not in (None, "no assistant turn")), None)
-        if malformed is not None:
-            raise DataError(f"SFT column {messages_column!r}, row {malformed}: {problems[malformed]}")
-        rows = [i for i, p in enumerate(problems) if p is None]
-        if len(rows) < len(chats):
-            dropped["without an assistant turn"] = [i for i, p in enumerate(problems) if p is not None]
-        examples = cached_sft_examples(tokenizer, cache_dir, chats=[chats[i] for i in rows],
-                                       use_chat_template=use_chat_template)
-    elif {prompt_column, response_column} <= columns:
-        prompts, responses = texts_of(dataset, prompt_column), texts_of(dataset, response_column)
-        rows = list(range(len(prompts)))
-        examples = cached_sft_examples(tokenizer, cache_dir, prompts=prompts, responses=responses,
-                                       use_chat_template=use_chat_template)
-    else:
-        raise DataError(f"SFT data needs a '{messages_column}' column or '{prompt_column}' and '{response_column}' "
-                        f"columns; it has {sorted(columns)}")
-    keep = [any(label != IGNORE_INDEX for label in ex.labels[1:max_length]) for ex in examples]
-    if not all(keep):
-        cut = [r for r, k in zip(rows, keep, strict=True) if not k]
-        dropped[f"with no response token within max_length {max_length}"] = cut
-    reasons = "; ".join(f"{len(v)} {why} (rows {_rows(v)})" for why, v in dropped.items())
-    if not any(keep):
-        raise DataError(f"no SFT example left: all {len(dataset)} dropped: {reasons}")
-    if dropped:
-        warnings.warn(f"SFT data: dropped {len(dataset) - sum(keep)} of {len(dataset)} examples: {reasons}",
-                      DataWarning, stacklevel=2)
+    chunks, content, no_assistant = _sft_inputs(dataset, prompt_column, response_column, messages_column)
+    dropped = {"without an assistant turn": no_assistant} if no_assistant else {}
+    rows = np.setdiff1d(np.arange(len(dataset)), no_assistant)  # dataset row of each tokenised example
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    kept = [ex for ex, k in zip(examples, keep, strict=True) if k]
-    return (pack_sft if packing else pad_sft)(kept, max_length, pad_id)
+    build = pack_sft if packing else pad_sft
+    if cache_dir is None:
+        examples = [ex for kw in chunks for ex in tokenize_sft_batch(tokenizer, **kw,
+                                                                     use_chat_template=use_chat_template)]
+        keep = [_has_target(ex, max_length) for ex in examples]
+        if not all(keep):
+            dropped[f"with no response token within max_length {max_length}"] = rows[~np.asarray(keep)].tolist()
+        report = _drop_report(dropped, len(dataset), sum(keep))
+        if report:
+            warnings.warn(report, DataWarning, stacklevel=2)
+        return build([ex for ex, k in zip(examples, keep, strict=True) if k], max_length, pad_id)
+    cache_dir = pathlib.Path(cache_dir)
+    tokens_key, tokens = _sft_tokens(tokenizer, cache_dir, chunks, content, use_chat_template)
+    path = cache_dir / "rows" / f"{_digest(_CACHE_VERSION, tokens_key, max_length, packing, pad_id)}.npz"
+    opened = open_npz(path)
+    if opened is None:
+        _write_sft_rows(path, tokens, rows, dropped, len(dataset), max_length, pad_id, packing)
+        opened = open_npz(path)
+        if opened is None:
+            raise DataError(f"{path}: the row cache just written cannot be read back (is {cache_dir} writable?)")
+    arrays, meta = opened
+    if meta.get("warning"):
+        warnings.warn(meta["warning"], DataWarning, stacklevel=2)
+    return arrays
+
+
+def _write_sft_rows(path: pathlib.Path, tokens: dict[str, np.ndarray], rows: np.ndarray, dropped: dict,
+                    total: int, max_length: int, pad_id: int, packing: bool) -> None:
+    """The padded or packed rows of the cached `tokens`, written a chunk at a time (:class:`_NpzWriter`); the drop
+    report goes into the entry, so a cache hit warns as the first run did."""
+    n = len(tokens["offsets"]) - 1
+    keep = np.concatenate([[_has_target(ex, max_length) for ex in _examples(tokens, s, min(s + _CHUNK, n))]
+                           for s in range(0, n, _CHUNK)] or [np.zeros(0, bool)]).astype(bool)
+    if not keep.all():
+        dropped = {**dropped, f"with no response token within max_length {max_length}": rows[~keep].tolist()}
+    report = _drop_report(dropped, total, int(keep.sum()))
+    kept = np.flatnonzero(keep)
+    fields = {"ids": np.int32, "mask": np.int32, "labels": np.int32, **({"segment_ids": np.int32} if packing else {})}
+    writer = _NpzWriter(path, fields, {"warning": report})
+    if packing:
+        lengths = np.minimum(np.diff(tokens["offsets"])[kept], max_length)
+        packed = pack_rows(lengths.tolist(), max_length)
+        for s in range(0, len(packed), _CHUNK):
+            part = packed[s:s + _CHUNK]
+            members = sorted({i for row in part for i in row})
+            local = {i: ex for i, ex in zip(members, _gather(tokens, kept[members]), strict=True)}
+            writer.append(**_fill_packed(local.__getitem__, part, max_length, pad_id))
+    else:
+        for s in range(0, len(kept), _CHUNK):
+            writer.append(**pad_sft(_gather(tokens, kept[s:s + _CHUNK]), max_length, pad_id))
+    writer.close()
+
+
+def _gather(tokens: dict[str, np.ndarray], indices: np.ndarray) -> list[SftExample]:
+    """The cached examples at `indices` (ascending), read a contiguous run at a time."""
+    out: list[SftExample] = []
+    for run in np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1) if len(indices) else []:
+        out += _examples(tokens, int(run[0]), int(run[-1]) + 1)
+    return out
+
+
+def pair_arrays(tokenizer, dataset, *, text_column: str, pair_column: str | None, max_length: int,
+                cache_dir: str | pathlib.Path | None = None) -> dict[str, np.ndarray]:
+    """ids and mask [N, max_length] int32 of a text (or text-pair, as GLUE) classification table, padded and
+    truncated to `max_length`; the tokenizer called on chunks of rows. With `cache_dir`, cached on disk (keyed by
+    tokenizer, content and max_length; written a chunk at a time) and returned memory-mapped, so a second run does
+    not call the tokenizer and host memory does not grow with the data.
+
+    Raises:
+      DataError: a missing column, or a non-text value (naming its row).
+    """
+    names = [text_column, *([pair_column] if pair_column else [])]
+    missing = next((n for n in names if n not in dataset.column_names), None)
+    if missing is not None:
+        raise DataError(f"text data has no column {missing!r}; columns: {sorted(dataset.column_names)}")
+
+    def encode(start, part):
+        texts = _check_texts(part[text_column], text_column, start)
+        pairs = _check_texts(part[pair_column], pair_column, start) if pair_column else None
+        enc = tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np")
+        return {"ids": enc["input_ids"].astype(np.int32), "mask": enc["attention_mask"].astype(np.int32)}
+
+    if cache_dir is None:
+        parts = [encode(start, part) for start, part in _chunks(dataset, names)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "mask")}
+    digest = hashlib.sha256()
+    for start, part in _chunks(dataset, names):
+        digest.update(_digest([_check_texts(part[n], n, start) for n in names]).encode())
+    key = _digest({"version": _CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "columns": names,
+                   "max_length": max_length, "content": digest.hexdigest()})
+    path = pathlib.Path(cache_dir) / "classify" / f"{key}.npz"
+    opened = open_npz(path)
+    if opened is None:
+        writer = _NpzWriter(path, {"ids": np.int32, "mask": np.int32})
+        for start, part in _chunks(dataset, names):
+            writer.append(**encode(start, part))
+        writer.close()
+        opened = open_npz(path)
+        if opened is None:
+            raise DataError(f"{path}: the token cache just written cannot be read back (is {cache_dir} writable?)")
+    return opened[0]
 
 
 def _label_values(dataset, label_column: str) -> list:

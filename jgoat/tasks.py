@@ -34,7 +34,8 @@ KINDS = ("classify", "sft", "image")
 
 @dataclasses.dataclass(frozen=True)
 class ArraySplit:
-    """Examples held as equal-length numpy arrays (tokenised text)."""
+    """Examples held as equal-length numpy arrays (tokenised text), typically memory-mapped from the token cache
+    (:func:`jgoat.data.sft_arrays`, :func:`jgoat.data.pair_arrays`): a batch reads only its rows."""
 
     arrays: Mapping[str, np.ndarray]
 
@@ -228,10 +229,9 @@ def classify_task(model, params, data: data_lib.TextClassificationData, model_di
 
 
 def _tokenise_pairs(tokenizer, dataset, text_column: str, pair_column: str | None, max_length: int):
-    texts = data_lib.texts_of(dataset, text_column)
-    pairs = data_lib.texts_of(dataset, pair_column) if pair_column else None
-    enc = tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    arrays = data_lib.pair_arrays(tokenizer, dataset, text_column=text_column, pair_column=pair_column,
+                                  max_length=max_length, cache_dir=data_lib.default_cache_dir())
+    return arrays["ids"], arrays["mask"]
 
 
 def train_and_eval(opts) -> tuple[Any, Any]:

@@ -10,12 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_packing
 from toys import ScannedMLP
 
 import jgoat
+from jgoat import data as data_lib
+from jgoat import tasks
 from jgoat.errors import NonFiniteError
 
 D, STEPS = 8, 10
+Counting = test_packing.Counting
+word_tokenizer = test_packing.tokenizer  # the word-level tokenizer with a chat template, a fixture of this name
 
 
 @functools.cache
@@ -154,3 +159,77 @@ def test_the_data_wait_is_measured_and_hidden_behind_a_slow_step():
     assert ahead.data_wait_s[0] >= produce_s * 0.5  # nothing to overlap with before the first step
     assert max(ahead.data_wait_s[1:]) < produce_s / 2
     assert ahead.history == sync.history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The token cache: memory-mapped arrays, written and read in chunks
+
+
+def _sft_table(n=23):
+    """Chats of mixed lengths; row 3 has no assistant turn, row 7's response lies beyond max_length 12."""
+    import datasets
+
+    rows = []
+    for i in range(n):
+        user = " ".join("abcde"[(i + j) % 5] for j in range(1 + i % 4))
+        reply = " ".join("edcba"[(i * j) % 5] for j in range(1 + i % 7))
+        chat = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        rows.append({"messages": chat[:1] if i == 3 else
+                     [{"role": "user", "content": "a " * 12}, chat[1]] if i == 7 else chat})
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_cached_sft_arrays_are_memory_mapped_and_equal_the_in_memory_ones(word_tokenizer, tmp_path, monkeypatch,
+                                                                          packing):
+    monkeypatch.setattr(data_lib, "_CHUNK", 5)  # several chunks, boundaries inside the data
+    table = _sft_table()
+    with pytest.warns(data_lib.DataWarning) as want_warning:
+        want = data_lib.sft_arrays(word_tokenizer, table, max_length=12, packing=packing)
+    assert "rows 3)" in str(want_warning[0].message) and "rows 7)" in str(want_warning[0].message)
+    for run in range(2):
+        counting = Counting(word_tokenizer)
+        with pytest.warns(data_lib.DataWarning) as warned:  # a cache hit reports the dropped rows as well
+            got = data_lib.sft_arrays(counting, table, max_length=12, packing=packing, cache_dir=tmp_path)
+        assert [str(w.message) for w in warned] == [str(w.message) for w in want_warning]
+        assert (counting.calls > 0) == (run == 0)  # the second run never calls the tokenizer
+        assert got.keys() == want.keys()
+        for k in want:
+            assert isinstance(got[k].base, np.memmap) and got[k].dtype == want[k].dtype
+            np.testing.assert_array_equal(got[k], want[k])
+    split = tasks.ArraySplit(got)
+    idx = np.array([4, 0, 2])
+    for k, v in split.batch(idx).items():
+        assert type(v) is np.ndarray and not isinstance(v.base, np.memmap)  # rows copied out of the mapping
+        np.testing.assert_array_equal(v, want[k][idx])
+
+
+def test_cached_classification_tokens_are_read_back_without_the_tokenizer(word_tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(data_lib, "_CHUNK", 4)
+    table = datasets.Dataset.from_list([{"s1": " ".join("abcde"[(i + j) % 5] for j in range(1 + i % 9)),
+                                         "s2": "e " * (i % 3 + 1), "label": i % 2} for i in range(11)])
+    for pair in (None, "s2"):
+        want = word_tokenizer(list(table["s1"]), list(table["s2"]) if pair else None, padding="max_length",
+                         truncation=True, max_length=7, return_tensors="np")
+        for run in range(2):
+            counting = Counting(word_tokenizer)
+            got = data_lib.pair_arrays(counting, table, text_column="s1", pair_column=pair, max_length=7,
+                                       cache_dir=tmp_path)
+            assert (counting.calls > 0) == (run == 0)
+            assert isinstance(got["ids"].base, np.memmap)
+            np.testing.assert_array_equal(got["ids"], want["input_ids"])
+            np.testing.assert_array_equal(got["mask"], want["attention_mask"])
+    assert len(list((tmp_path / "classify").glob("*.npz"))) == 2
+    bad = datasets.Dataset.from_list([{"s1": "a", "s2": None if i == 9 else "b"} for i in range(11)])
+    with pytest.raises(data_lib.DataError, match="text column 's2', row 9: NoneType"):  # row counted across chunks
+        data_lib.pair_arrays(word_tokenizer, bad, text_column="s1", pair_column="s2", max_length=7, cache_dir=tmp_path)
+    # an unreadable entry is rebuilt, not trusted
+    for entry in (tmp_path / "classify").glob("*.npz"):
+        entry.write_bytes(entry.read_bytes()[:100])
+    counting = Counting(word_tokenizer)
+    got = data_lib.pair_arrays(counting, table, text_column="s1", pair_column=None, max_length=7, cache_dir=tmp_path)
+    assert counting.calls > 0
+    np.testing.assert_array_equal(got["ids"], word_tokenizer(list(table["s1"]), padding="max_length", truncation=True,
+                                                        max_length=7, return_tensors="np")["input_ids"])
