@@ -233,3 +233,35 @@ def test_cached_classification_tokens_are_read_back_without_the_tokenizer(word_t
     assert counting.calls > 0
     np.testing.assert_array_equal(got["ids"], word_tokenizer(list(table["s1"]), padding="max_length", truncation=True,
                                                         max_length=7, return_tensors="np")["input_ids"])
+
+
+def mesh_check() -> None:
+    """Run in an 8-device subprocess: on a (data=2, fsdp=2) mesh, prefetched batches are placed by the producer
+    thread (sharding.place_batch) and train to the same params as the synchronous loop; callbacks see host batches."""
+    mesh = jgoat.mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+    seen = []
+
+    class Host(jgoat.Callback):
+        def on_step_end(self, loop, step):
+            seen.append(type(loop.batch[0]))
+
+    sync, _ = run(0, mesh=mesh)
+    ahead, _ = run(2, mesh=mesh, callbacks=[Host()])
+    assert ahead.history == sync.history
+    assert_same_trainable(ahead.params, sync.params)
+    assert set(seen) == {np.ndarray}, seen
+    assert not prefetch_threads()
+    print("mesh prefetch OK")
+
+
+def test_prefetch_on_a_mesh_places_batches_in_the_thread_and_changes_nothing():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    here = pathlib.Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-c", "import test_pipeline; test_pipeline.mesh_check()"], cwd=here,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "mesh prefetch OK" in proc.stdout, proc.stderr[-3000:]
