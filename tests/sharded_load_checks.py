@@ -3,10 +3,13 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python tests/sharded_load_checks.py OUT.json
 
 Tiny checkpoints are written by ``jgoat.models.save_pretrained`` from randomly initialised (and perturbed: no identity
-norms) jgoat models, so no torch is needed. Computes, never asserts: for each (checkpoint, load options, mesh) it
-records which params differ in any bit from the single-device load, which carry another sharding than
-``jgoat.shardings`` assigns them, the largest share of the params' bytes any one device holds, and how many tensor
-bytes the load read (each tensor once: the sharded reader fills every local block from one pass over the rows).
+norms) jgoat models, and rewritten as ``pytorch_model.bin`` (torch.save of the same tensors, as transformers<5 wrote
+with safe_serialization=False) and as legacy ``flax_model.msgpack`` (transformers 4.x's Flax naming and layout).
+Computes, never asserts: for each (checkpoint, load options, mesh) it records which params differ in any bit from the
+single-device load (and, for .bin / .msgpack, from the single-device load of the safetensors they were written
+from), which carry another sharding than ``jgoat.shardings`` assigns them, the largest share of the params' bytes
+any one device holds, and how many tensor bytes the load read (each tensor once: the sharded reader fills every local
+block from one pass over the rows; .bin and .msgpack tensors are read whole, once).
 """
 
 from __future__ import annotations
@@ -75,6 +78,56 @@ def build(root: Path) -> dict[str, Path]:
         "clip": save_pretrained(CLIP, _perturbed(CLIPVisionModel(CLIP), pixels, 8), root / "clip"),
     }
     assert (out["llama_index"] / formats.SAFE_WEIGHTS_INDEX_NAME).is_file()
+    for name in ("llama", "bert"):
+        out[f"{name}_bin"] = as_torch_bin(out[name], root / f"{name}_bin")
+    for name in ("llama", "bert", "clip"):
+        out[f"{name}_msgpack"] = as_flax_msgpack(out[name], root / f"{name}_msgpack", rms_norm=name == "llama")
+    return out
+
+
+def _tensors(folder: Path) -> dict[str, np.ndarray]:
+    with formats.SafetensorsFile(folder / "model.safetensors") as f:
+        return {k: f.read(k) for k in f.keys()}
+
+
+def _copy_config(folder: Path, out: Path) -> Path:
+    out.mkdir()
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    return out
+
+
+def as_torch_bin(folder: Path, out: Path) -> Path:
+    """The safetensors folder's tensors as one ``pytorch_model.bin`` (torch.save of a state dict)."""
+    import torch
+
+    _copy_config(folder, out)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in _tensors(folder).items()}, out / "pytorch_model.bin")
+    return out
+
+
+def as_flax_msgpack(folder: Path, out: Path, *, rms_norm: bool) -> Path:
+    """The safetensors folder's tensors as a transformers 4.x ``flax_model.msgpack``: the torch key split on '.',
+    linear weights as ``kernel`` [in, out], conv weights as ``kernel`` [kh, kw, C, D], embeddings as ``embedding``,
+    LayerNorm weights as ``scale`` (RMSNorm keeps ``weight``); the inverse of
+    :func:`jgoat.models.formats.flax_to_torch_key`."""
+    from flax import serialization
+
+    tree: dict = {}
+    for key, array in _tensors(folder).items():
+        *modules, leaf = key.split(".")
+        if leaf == "weight" and array.ndim == 2:
+            embedding = "embed" in modules[-1]
+            leaf, array = ("embedding", array) if embedding else ("kernel", array.T)
+        elif leaf == "weight" and array.ndim == 4:
+            leaf, array = "kernel", array.transpose(2, 3, 1, 0)
+        elif leaf == "weight" and not rms_norm:
+            leaf = "scale"
+        node = tree
+        for m in modules:
+            node = node.setdefault(m, {})
+        node[leaf] = np.ascontiguousarray(array)
+    _copy_config(folder, out)
+    (out / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
     return out
 
 
@@ -91,27 +144,31 @@ CASES = [
     ("bert/new_head", "bert_base", {"num_labels": 5}),
     ("vit/cls", "vit", {}),
     ("clip/base", "clip", {"task": "base"}),
+    ("llama/bin", "llama_bin", {}),
+    ("bert/bin", "bert_bin", {}),
+    ("llama/msgpack_unrolled", "llama_msgpack", {"scan_layers": False}),
+    ("bert/msgpack", "bert_msgpack", {}),
+    ("clip/msgpack", "clip_msgpack", {"task": "base"}),
 ]
 
 
 class ReadCounter:
-    """Counts the bytes SafetensorsFile reads (whole tensors and row ranges)."""
+    """Counts the bytes the checkpoint readers read: SafetensorsFile (whole tensors and row ranges), TorchBinFile and
+    FlaxMsgpackFile (whole tensors)."""
 
     def __init__(self):
         self.bytes = 0
-        read, read_rows = formats.SafetensorsFile.read, formats.SafetensorsFile.read_rows
+        for cls, name in ((formats.SafetensorsFile, "read"), (formats.SafetensorsFile, "read_rows"),
+                          (formats.TorchBinFile, "read"), (formats.FlaxMsgpackFile, "read")):
+            setattr(cls, name, self._counted(getattr(cls, name)))
 
-        def counted_read(f, key):
-            out = read(f, key)
+    def _counted(self, read):
+        def counted(f, *args):
+            out = read(f, *args)
             self.bytes += out.nbytes
             return out
 
-        def counted_rows(f, key, start, stop):
-            out = read_rows(f, key, start, stop)
-            self.bytes += out.nbytes
-            return out
-
-        formats.SafetensorsFile.read, formats.SafetensorsFile.read_rows = counted_read, counted_rows
+        return counted
 
 
 def _bits(x) -> np.ndarray:
@@ -146,6 +203,8 @@ def run_loads(folders: dict[str, Path], counter: ReadCounter) -> dict:
         counter.bytes = 0
         _, ref, _, ref_info = from_pretrained(folders[ckpt], output_loading_info=True, **kwargs)
         ref_read = counter.bytes
+        source = ckpt.removesuffix("_bin").removesuffix("_msgpack")  # the safetensors folder .bin / .msgpack copy
+        safetensors = ref if source == ckpt else from_pretrained(folders[source], **kwargs)[1]
         for mesh_name, (data, fsdp, tensor) in MESHES.items():
             mesh = jgoat.mesh(data=data, fsdp=fsdp, tensor=tensor)
             counter.bytes = 0
@@ -157,7 +216,8 @@ def run_loads(folders: dict[str, Path], counter: ReadCounter) -> dict:
             read = counter.bytes
             expected = jgoat.shardings(jax.eval_shape(lambda r=ref: r), mesh, **rules)
             out[f"{name}/{mesh_name}"] = {**compare(ref, got, expected), "read_bytes": read, "ref_read_bytes": ref_read,
-                                          "same_info": tuple(info) == tuple(ref_info)}
+                                          "same_info": tuple(info) == tuple(ref_info),
+                                          "differ_from_safetensors": compare(safetensors, got, expected)["differ"]}
     return out
 
 
@@ -208,12 +268,39 @@ def run_wraps(folders: dict[str, Path]) -> dict:
     return out
 
 
+QUANTIZE_MESHES = {"llama": ("1,8,1", "1,4,2", "2,2,2"), "bert": ("1,4,2",)}
+
+
+def run_quantize(folders: dict[str, Path]) -> dict:
+    """``jgoat.quantize_nf4`` of the mesh-loaded params with ``shardings=`` vs of the single-device params: the NF4
+    codes, absmax and double-quantisation statistics bit for bit, and their shardings."""
+    out = {}
+    for ckpt, meshes in QUANTIZE_MESHES.items():
+        ref = jgoat.quantize_nf4(from_pretrained(folders[ckpt])[1])
+        for mesh_name in meshes:
+            mesh = jgoat.mesh(**dict(zip(("data", "fsdp", "tensor"), MESHES[mesh_name], strict=True)))
+            got = jgoat.quantize_nf4(from_pretrained(folders[ckpt], mesh=mesh)[1],
+                                     shardings=lambda tree, m=mesh: jgoat.shardings(tree, m))
+            expected = jgoat.shardings(jax.eval_shape(lambda g=got: g), mesh)
+            pairs = list(zip(jax.tree.leaves_with_path(ref), jax.tree.leaves(got),
+                             jax.tree.leaves(expected, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
+                             strict=True))
+            nf4 = [(p, r, g, e) for (p, r), g, e in pairs if "codes" in jax.tree_util.keystr(p)]
+            out[f"{ckpt}/{mesh_name}"] = {
+                "n_nf4": len(nf4),
+                "differ": [jax.tree_util.keystr(p) for (p, r), g, _ in pairs if not np.array_equal(_bits(r), _bits(g))],
+                "wrong_sharding": [jax.tree_util.keystr(p) for (p, _), g, e in pairs
+                                   if not g.sharding.is_equivalent_to(e, g.ndim)],
+                "codes_sharded": sum(not g.sharding.is_fully_replicated for _, _, g, _ in nf4)}
+    return out
+
+
 def main(path: str) -> None:
     assert len(jax.devices()) == 8, jax.devices()
     counter = ReadCounter()
     with tempfile.TemporaryDirectory() as tmp:
         folders = build(Path(tmp))
-        report = {"loads": run_loads(folders, counter), "wraps": run_wraps(folders)}
+        report = {"loads": run_loads(folders, counter), "wraps": run_wraps(folders), "nf4": run_quantize(folders)}
     Path(path).write_text(json.dumps(report, indent=1))
 
 

@@ -56,8 +56,11 @@ def _entries(report, section, prefix):
 
 @pytest.mark.parametrize("case", [name for name, _, _ in checks.CASES])
 def test_sharded_load_equals_single_device_bit_for_bit(report, case):
+    """Also for pytorch_model.bin and flax_model.msgpack folders: equal to the safetensors folder they were written
+    from, bit for bit."""
     for key, entry in _entries(report, "loads", case).items():
         assert entry["differ"] == [], key
+        assert entry["differ_from_safetensors"] == [], key
         assert entry["same_info"], key
 
 
@@ -91,6 +94,15 @@ def test_wrap_on_sharded_params(report, method):
         assert entry["max_rel_diff"] <= RTOL_WRAP, (key, entry)
         assert entry["wrong_sharding"] == [], key
         assert entry["n_sharded"] > 0, key
+
+
+@pytest.mark.parametrize("ckpt", sorted(checks.QUANTIZE_MESHES))
+def test_nf4_codes_born_sharded(report, ckpt):
+    """``quantize_nf4(..., shardings=)`` on mesh-loaded params (as ``jgoat train --quantize nf4 --mesh`` does): the
+    same bits as the single-device quantisation, each kernel's codes split over the kernel's mesh axes."""
+    for key, entry in _entries(report, "nf4", ckpt).items():
+        assert entry["n_nf4"] > 0 and entry["differ"] == [] and entry["wrong_sharding"] == [], (key, entry)
+        assert entry["codes_sharded"] == entry["n_nf4"], (key, entry)
 
 
 # ----------------------------------------------------------------------------------------- one device, in-process
