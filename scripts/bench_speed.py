@@ -17,17 +17,28 @@ Rows (every adapter targets q, k, v, o, gate, up, down):
                  torch.set_num_threads(number of CPUs this process may use = the size of XLA's CPU thread pool)
   torch_frozen   diagnostic: the torch twin's loss and grad w.r.t. the input embeddings only (same threads)
   peft_lora_1t   diagnostic: peft_lora with one torch thread (torch's OpenMP regions stall on a shared CPU)
+  official_goat  with --official PATH: the official GOAT implementation (github.com/Facico/GOAT-PEFT, its
+                 peta.src GOATModel through peft.get_peft_model, as its train_nlg.py) on the same torch twin, weights
+                 and batch, E=8, k=2, r=32, init "goat", dropout 0, loss + 1e-3 aux, AdamW + clip 1.0, same torch
+                 threads; it runs in the official code's own venv (--official-python) as a worker process
+                 (scripts/official_goat_worker.py) whose steps are interleaved with the others
 The diagnostic rows run with --diagnostics (or by name with --only).
 
 Measurement: every variant is compiled (jax) / warmed up first, then the variants run round-robin (ABC.. ABC..,
 rotating the starting variant every round) so that CPU contention from other processes hits all of them alike;
-each sample is one step's wall time with ``jax.block_until_ready``; medians are reported. XLA's own numbers come from
+each sample is one step's wall time with ``jax.block_until_ready``; medians are reported. Foreign load: the 1-minute
+load average before and after every round and the CPU time other processes used during it (:class:`LoadMeter`) mark
+each round; the medians are those of the unmarked rounds (of all, flagged, when fewer than 3 are clean), and
+``--strict`` reruns marked rounds and exits with status 3 when it cannot collect --repeats clean ones. The one-time
+cost of adding the adapters is timed too: jgoat ``wrap``'s first call (its jitted inits compiled) and a second call,
+beside peft's ``get_peft_model`` (and the official GOAT's). XLA's own numbers come from
 ``jit(f).lower(...).compile()``: ``memory_analysis()`` of the executable that is timed, and ``cost_analysis()``
 FLOPs of the same step compiled with the layer scan fully unrolled (XLA counts a while-loop body only once).
 
     .venv/bin/python scripts/bench_speed.py                 # 4 layers, width 512, seq 128, batch 4, 20 rounds
     .venv/bin/python scripts/bench_speed.py --diagnostics   # + goat_zero, torch_frozen, peft_lora_1t
     .venv/bin/python scripts/bench_speed.py --quick         # smoke run: tiny shapes, 3 rounds (mostly compile time)
+    .venv/bin/python scripts/bench_speed.py --strict --official ../GOAT-PEFT --official-python ../goat-venv/bin/python
 
 Results go to --out as JSON (every sample, medians, paired ratios, XLA numbers, load averages) and to stdout as
 markdown tables. See BENCHMARKS.md, "Speed (CPU)".
@@ -46,9 +57,12 @@ import argparse
 import functools
 import json
 import math
+import pathlib
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +75,9 @@ import optax
 
 import jgoat
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed_twin import TARGETS, rope_tables, torch_twin  # noqa: E402  (numpy + torch only)
+
 HEAD_DIM = 64
 DEFAULT_ROWS = ("frozen", "lora", "goat", "goat_drop_shared", "goat_drop_per_expert", "peft_lora")
 DIAGNOSTIC_ROWS = ("goat_zero", "torch_frozen", "peft_lora_1t")
@@ -80,14 +96,6 @@ def with_dropout(tree, rate: float, mode: str):
 
 
 # ----------------------------------------------------------------------------------------------------------- flax
-def rope_tables(seq: int, head_dim: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [seq, head_dim] (HF Llama layout: the two halves repeat the frequencies)."""
-    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    freqs = np.arange(seq, dtype=np.float64)[:, None] * inv_freq[None, :]
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
-
-
 def rotate_half(x):
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -173,94 +181,8 @@ def mse(out, y):
     return jnp.mean(jnp.square(out.astype(jnp.float32) - y))
 
 
-# ---------------------------------------------------------------------------------------------------------- torch
-def torch_twin(params, args):
-    """The same decoder in PyTorch (names as HF Llama), weights copied from the Flax params."""
-    import torch
-
-    class TRMSNorm(torch.nn.Module):
-        def __init__(self, w, eps=1e-6):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(w))
-            self.eps = eps
-
-        def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-    def t_rotate_half(x):
-        half = x.shape[-1] // 2
-        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-    class TAttention(torch.nn.Module):
-        def __init__(self, w, heads, seq, rope):
-            super().__init__()
-            self.heads, self.rope = heads, rope
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(self, name, torch.nn.Linear(w, w, bias=False))
-            cos, sin = rope_tables(seq, w // heads)
-            self.register_buffer("cos", torch.from_numpy(cos)[None, None], persistent=False)
-            self.register_buffer("sin", torch.from_numpy(sin)[None, None], persistent=False)
-            self.register_buffer("causal", torch.ones(seq, seq, dtype=torch.bool).tril(), persistent=False)
-
-        def forward(self, x):
-            b, s, w = x.shape
-            hd = w // self.heads
-            q, k, v = (p(x).view(b, s, self.heads, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj,
-                                                                                  self.v_proj))
-            if self.rope:
-                q = q * self.cos + t_rotate_half(q) * self.sin
-                k = k * self.cos + t_rotate_half(k) * self.sin
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-            scores = scores.masked_fill(~self.causal, torch.finfo(scores.dtype).min)
-            out = torch.softmax(scores, dim=-1) @ v
-            return self.o_proj(out.transpose(1, 2).reshape(b, s, w))
-
-    class TMLP(torch.nn.Module):
-        def __init__(self, w, inter):
-            super().__init__()
-            self.gate_proj = torch.nn.Linear(w, inter, bias=False)
-            self.up_proj = torch.nn.Linear(w, inter, bias=False)
-            self.down_proj = torch.nn.Linear(inter, w, bias=False)
-
-        def forward(self, x):
-            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    class TLayer(torch.nn.Module):
-        def __init__(self, w, heads, inter, seq, rope):
-            super().__init__()
-            self.input_layernorm = TRMSNorm(w)
-            self.self_attn = TAttention(w, heads, seq, rope)
-            self.post_attention_layernorm = TRMSNorm(w)
-            self.mlp = TMLP(w, inter)
-
-        def forward(self, x):
-            h = x + self.self_attn(self.input_layernorm(x))
-            return h + self.mlp(self.post_attention_layernorm(h))
-
-    class TDecoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList(TLayer(args.width, args.heads, args.intermediate, args.seq,
-                                                     not args.no_rope) for _ in range(args.layers))
-            self.norm = TRMSNorm(args.width)
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x)
-            return self.norm(x)
-
-    model = TDecoder()
-    stacked = params["layers"]
-    with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            for group, names in (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:])):
-                for name in names:
-                    kernel = np.asarray(stacked[group][name]["kernel"][i])
-                    getattr(getattr(layer, group), name).weight.copy_(torch.from_numpy(kernel.T.copy()))
-            for name in ("input_layernorm", "post_attention_layernorm"):
-                getattr(layer, name).weight.copy_(torch.from_numpy(np.array(stacked[name]["weight"][i])))
-        model.norm.weight.copy_(torch.from_numpy(np.array(params["norm"]["weight"])))
-    return model
+def twin_of(params, args):
+    return torch_twin(params, args.layers, args.width, args.heads, args.intermediate, args.seq, not args.no_rope)
 
 
 # ------------------------------------------------------------------------------------------------------- harness
@@ -312,6 +234,104 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _proc_ticks(pid: int | str) -> int:
+    """utime + stime of a process, all its threads (clock ticks; 0 where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _busy_ticks() -> int | None:
+    """Busy clock ticks of the whole machine since boot (/proc/stat: all but idle and iowait); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(values) - values[3] - (values[4] if len(values) > 4 else 0)
+
+
+class LoadMeter:
+    """Foreign load around one timed round: the 1-min load average before and after it, and the share of the
+    machine's CPU time that processes other than this one (and its `children`: the official worker) used during it.
+
+    The round is foreign when ``load1 > own_threads + per_core * cores`` before or after it, or when the foreign CPU
+    share exceeds `cpu_share`. Why these: the load average counts runnable threads, ~1-minute damped; the benchmark
+    alone keeps at most `own_threads` runnable (one variant at a time, each with XLA's / torch's pool sized to the
+    CPUs this process may use), so what is above that is other work; 0.5 per core is half the machine's cores
+    wanting CPU on average, where every timed thread shares a core a third of the time or more (a step ~1.3-1.5x
+    slower; quieter spells measured here moved the ratios by less than that). The load average lags (a burst shows
+    up for a minute after it and a short one barely shows): the CPU share from /proc/stat is exact for the round
+    itself, and 10% of the machine (0.2 of a core on 2 cores) is well above a quiet box's background (<2%)."""
+
+    def __init__(self, own_threads: int, per_core: float, cpu_share: float):
+        self.own_threads, self.per_core, self.cpu_share = own_threads, per_core, cpu_share
+        self.cores = os.cpu_count() or 1
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.children: list[int] = []
+
+    def _own(self) -> int:
+        return _proc_ticks("self") + sum(_proc_ticks(pid) for pid in self.children)
+
+    def start(self) -> dict:
+        return {"load": os.getloadavg(), "busy": _busy_ticks(), "own": self._own(), "t": time.perf_counter()}
+
+    def stop(self, start: dict) -> dict:
+        load_after, busy, own, t = os.getloadavg(), _busy_ticks(), self._own(), time.perf_counter()
+        share = None
+        if busy is not None and start["busy"] is not None:
+            foreign = max(0, (busy - start["busy"]) - (own - start["own"]))
+            share = foreign / max(1e-9, (t - start["t"]) * self.hz * self.cores)
+        limit = self.own_threads + self.per_core * self.cores
+        reasons = [f"load1 {x:.2f} > {limit:.2f}" for x in (start["load"][0], load_after[0]) if x > limit][:1]
+        if share is not None and share > self.cpu_share:
+            reasons.append(f"foreign CPU {share:.0%} > {self.cpu_share:.0%}")
+        return {"load_before": list(start["load"]), "load_after": list(load_after), "foreign_cpu_share": share,
+                "seconds": t - start["t"], "foreign": bool(reasons), "why": "; ".join(reasons)}
+
+
+class OfficialWorker:
+    """scripts/official_goat_worker.py in the official code's Python: setup at start, then one step per call."""
+
+    def __init__(self, python: str, official: pathlib.Path, base, x, y, args, threads: int, tmp: str):
+        inputs = os.path.join(tmp, "official_inputs.npz")
+        flat = {"params/" + "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                for path, v in jax.tree_util.tree_flatten_with_path(base)[0]}
+        np.savez(inputs, x=np.asarray(x), y=np.asarray(y), **flat)
+        cfg = {"layers": args.layers, "width": args.width, "heads": args.heads, "intermediate": args.intermediate,
+               "seq": args.seq, "rope": not args.no_rope, "rank": args.rank, "experts": args.experts,
+               "top_k": args.top_k, "threads": threads, "aux_coeff": 1e-3}
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_goat_worker.py")
+        self.proc = subprocess.Popen([python, script, "--official", str(official), "--inputs", inputs, "--config",
+                                      json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+        if not self.info.get("ready"):
+            raise SystemExit(f"official GOAT worker failed to start: {self.info}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise SystemExit(f"official GOAT worker ({self.proc.args[0]}) exited with status {code}; its stderr "
+                             "above says why")
+        return json.loads(line)
+
+    def step(self, i: int) -> None:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        if not self._read()["finite"]:
+            raise SystemExit("official GOAT step: non-finite loss")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
@@ -333,6 +353,18 @@ def parse_args(argv=None):
     p.add_argument("--no-flops", action="store_true", help="skip the unrolled compile used for XLA FLOP counts")
     p.add_argument("--out", default="BENCHMARKS-speed.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, width 256, seq 64, batch 2, 3 repeats")
+    p.add_argument("--official", default=None, type=pathlib.Path,
+                   help="a clone of github.com/Facico/GOAT-PEFT: adds the official GOAT step (official_goat row)")
+    p.add_argument("--official-python", default=sys.executable,
+                   help="the Python of the official code's own venv (its pinned torch / peft / transformers)")
+    p.add_argument("--foreign-per-core", type=float, default=0.5,
+                   help="a round is under foreign load when the 1-min load average exceeds the benchmark's own "
+                        "threads + this many per core (before or after the round)")
+    p.add_argument("--foreign-cpu", type=float, default=0.10,
+                   help="... or when other processes used more than this share of the machine's CPU time during it")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse foreign-loaded rounds: rerun them (up to 3x --repeats rounds in all) and exit with "
+                        "status 3 if fewer than --repeats clean rounds were taken")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.width, args.seq, args.batch, args.repeats, args.warmup = 2, 256, 64, 2, 3, 1
@@ -364,7 +396,7 @@ def main(argv=None) -> dict:
     x = jax.random.normal(k_x, (args.batch, args.seq, args.width), jnp.float32)
     y = jax.random.normal(k_y, (args.batch, args.seq, args.width), jnp.float32)
     base = jax.jit(model.init)(k_init, x)["params"]
-    n_samples = args.warmup + args.repeats
+    n_samples = args.warmup + (3 if args.strict else 1) * args.repeats  # --strict may rerun rounds
     step_keys = list(jax.random.split(k_steps, n_samples))
     jax.block_until_ready(step_keys)
     batch = (x, y)
@@ -409,12 +441,19 @@ def main(argv=None) -> dict:
          jgoat.GoatConfig(**goat_kw, init="zero"), None),
     ]
     wraps: dict = {}
+    wrap_cost: dict[str, dict] = {}  # the one-time cost of adding the adapters, beside peft's get_peft_model
     for name, label, cfg, drop in jgoat_rows:
         if not wanted(name):
             continue
         if cfg not in wraps:
+            t0 = time.perf_counter()
             wraps[cfg] = jax.block_until_ready(jgoat.wrap(base, cfg, key=jax.random.key(1)))
-            log(f"wrapped {cfg.method} (init {cfg.init})")
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(jgoat.wrap(base, cfg, key=jax.random.key(2)))
+            wrap_cost[f"jgoat {cfg.method} (init {getattr(cfg, 'init', 'kaiming')})"] = {
+                "first_call_s": first, "again_s": time.perf_counter() - t0}
+            log(f"wrapped {cfg.method} (init {cfg.init}): first call {first:.1f}s (compile included)")
         wrapped = wraps[cfg] if drop is None else with_dropout(wraps[cfg], *drop)
         trainable, frozen = jgoat.split(wrapped)
         trainable = jax.tree.map(jnp.copy, trainable)  # the state is donated; GOAT rows share the wrapped arrays
@@ -456,7 +495,7 @@ def main(argv=None) -> dict:
             torch.manual_seed(0)
             tx_ = torch.from_numpy(np.array(x))
             ty_ = torch.from_numpy(np.array(y))
-            twin = torch_twin(base, args)
+            twin = twin_of(base, args)
             with torch.no_grad():
                 ref = np.asarray(jax.jit(model.apply)({"params": base}, x))
                 parity["max_abs_diff_base_forward"] = float(np.max(np.abs(twin(tx_).numpy() - ref)))
@@ -466,7 +505,7 @@ def main(argv=None) -> dict:
                     torch.set_num_threads(n)
 
             if wanted("torch_frozen"):
-                twin_frozen = torch_twin(base, args).train()
+                twin_frozen = twin_of(base, args).train()
                 for p in twin_frozen.parameters():
                     p.requires_grad_(False)
 
@@ -483,7 +522,10 @@ def main(argv=None) -> dict:
                                    ("peft_lora_1t", 1, f"diagnostic: HF peft LoRA r={args.rank}, 1 torch thread")):
                 if not wanted(name):
                     continue
-                pmodel = peft.get_peft_model(torch_twin(base, args), pcfg)
+                twin_model = twin_of(base, args)
+                t0 = time.perf_counter()
+                pmodel = peft.get_peft_model(twin_model, pcfg)
+                wrap_cost.setdefault("peft LoRA get_peft_model", {"first_call_s": time.perf_counter() - t0})
                 pmodel.train()
                 ptrain = [p for p in pmodel.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(ptrain, lr=1e-4, weight_decay=0.0)
@@ -500,6 +542,19 @@ def main(argv=None) -> dict:
                 variants.append(Variant(name, label, peft_step, {}, sum(p.numel() for p in ptrain)))
             log("built torch twin + peft")
 
+    meter = LoadMeter(n_threads, args.foreign_per_core, args.foreign_cpu)
+    official = None
+    tmp = tempfile.TemporaryDirectory()
+    if args.official is not None and (not only or "official_goat" in only):
+        official = OfficialWorker(args.official_python, args.official, base, x, y, args, n_threads, tmp.name)
+        meter.children.append(official.info["pid"])
+        wrap_cost["official GOAT get_peft_model (init goat)"] = {"first_call_s": official.info["wrap_s"]}
+        torch_info["official"] = official.info["versions"]
+        variants.append(Variant("official_goat", f"official GOAT E={args.experts} k={args.top_k} r={args.rank} "
+                                f"(torch eager, {official.info['versions']['torch']})", official.step, {},
+                                official.info["trainable_params"]))
+        log(f"official GOAT worker ready (wrap {official.info['wrap_s']:.1f}s)")
+
     if not variants:
         raise SystemExit(f"no variant selected by --only {args.only!r}")
 
@@ -508,17 +563,30 @@ def main(argv=None) -> dict:
         for v in variants:
             v.step(i)
     log(f"warm-up done; timing {len(variants)} variants x {args.repeats} rounds")
-    loads = []
+    rounds: list[dict] = []  # per round: the load around it, and each variant's time in it
     t_run = time.perf_counter()
-    for r in range(args.repeats):
-        loads.append(os.getloadavg()[0])
+    limit = 3 * args.repeats if args.strict else args.repeats
+    while len(rounds) < limit and sum(not r["foreign"] for r in rounds) < args.repeats:
+        r = len(rounds)
         start = r % len(variants)
+        mark = meter.start()
+        sample = {}
         for v in variants[start:] + variants[:start]:
             t0 = time.perf_counter()
             v.step(args.warmup + r)
-            v.times.append(time.perf_counter() - t0)
+            sample[v.name] = time.perf_counter() - t0
+        rounds.append({**meter.stop(mark), "times_s": sample})
+        if rounds[-1]["foreign"]:
+            log(f"round {r}: foreign load ({rounds[-1]['why']})")
     run_s = time.perf_counter() - t_run
-    loads.append(os.getloadavg()[0])
+    if official is not None:
+        official.close()
+    tmp.cleanup()
+    clean = [r for r in rounds if not r["foreign"]]
+    used = clean if len(clean) >= min(3, args.repeats) else rounds  # medians of the clean rounds when there are some
+    for v in variants:
+        v.times = [r["times_s"][v.name] for r in used]
+    loads = [x for r in rounds for x in (r["load_before"][0], r["load_after"][0])]
 
     med = {v.name: statistics.median(v.times) for v in variants}
 
@@ -545,6 +613,7 @@ def main(argv=None) -> dict:
         ("GOAT / LoRA", "goat", "lora", 1.3),
         ("LoRA / frozen fwd+bwd", "lora", "frozen", 1.5),
         ("jgoat LoRA / peft LoRA", "lora", "peft_lora", 1.0),
+        ("jgoat GOAT / official GOAT", "goat", "official_goat", 1.0),
     ]
     extra = [
         ("GOAT dropout shared / LoRA", "goat_drop_shared", "lora"),
@@ -553,6 +622,7 @@ def main(argv=None) -> dict:
         ("GOAT / frozen fwd+bwd", "goat", "frozen"),
         ("peft LoRA / torch frozen fwd+bwd", "peft_lora", "torch_frozen"),
         ("jax frozen / torch frozen", "frozen", "torch_frozen"),
+        ("official GOAT / peft LoRA", "official_goat", "peft_lora"),
     ]
     result = {
         "command": "python scripts/bench_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -566,6 +636,13 @@ def main(argv=None) -> dict:
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                     "loadavg_1min_during": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}},
         "timed_run_s": run_s,
+        "foreign_load": {"rule": f"load1 > {n_threads} own threads + {args.foreign_per_core} x {meter.cores} cores, "
+                                 f"or foreign CPU share > {args.foreign_cpu:.0%}",
+                         "rounds": len(rounds), "foreign_rounds": len(rounds) - len(clean),
+                         "medians_over": "clean rounds" if used is clean else "all rounds (too few clean ones)",
+                         "strict": args.strict, "refused": args.strict and len(clean) < args.repeats},
+        "rounds": [{k: v for k, v in r.items() if k != "times_s"} for r in rounds],
+        "wrap_cost": wrap_cost,
         "total_run_s": time.perf_counter() - _T0,
         "parity": parity,
         "variants": {v.name: {"label": v.label, "median_s": med[v.name], "min_s": min(v.times),
@@ -583,6 +660,10 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=2)
     print(markdown(result))
     print(f"\nwrote {args.out}")
+    if result["foreign_load"]["refused"]:
+        print(f"--strict: only {len(clean)} of {len(rounds)} rounds were free of foreign load (need {args.repeats}): "
+              "refused; rerun on a quiet machine", file=sys.stderr)
+        raise SystemExit(3)
     return result
 
 
@@ -627,9 +708,15 @@ def markdown(res: dict) -> str:
                      f"{x['temp'] / 2**20:.1f} | {x['compile_s']:.1f} |")
     lines += ["", "| FLOP ratio (XLA) | value |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in res["flop_ratios"].items() if v is not None]
+    if res["wrap_cost"]:
+        lines += ["", "| one-time wrap (adapters added to the base) | first call s | again s |", "|---|---:|---:|"]
+        lines += [f"| {k} | {w['first_call_s']:.2f} | {_fmt(w.get('again_s'))} |" for k, w in res["wrap_cost"].items()]
     la = res["machine"]["loadavg_1min_during"]
-    lines += ["", f"load average (1 min) during the timed loop: min {la['min']:.2f}, median {la['median']:.2f}, "
-              f"max {la['max']:.2f}; timed loop {res['timed_run_s']:.0f}s, whole run {res['total_run_s']:.0f}s"]
+    fl = res["foreign_load"]
+    lines += ["", f"load average (1 min) around the timed rounds: min {la['min']:.2f}, median {la['median']:.2f}, "
+              f"max {la['max']:.2f}; foreign load ({fl['rule']}) in {fl['foreign_rounds']} of {fl['rounds']} rounds"
+              f"{' — NOT A QUIET MEASUREMENT' if fl['foreign_rounds'] else ''}; medians over {fl['medians_over']}; "
+              f"timed loop {res['timed_run_s']:.0f}s, whole run {res['total_run_s']:.0f}s"]
     return "\n".join(lines)
 
 
