@@ -214,3 +214,24 @@ def test_a_bucketed_run_trains_on_trimmed_batches(tmp_path):
                      "4", "--no-baseline", "--bucketing", "--out", str(out)], callbacks=[seen]) == 0
     assert len(seen.widths) == 5 and set(seen.widths) <= {16, 32, 48} and min(seen.widths) < 48
     assert json.loads((out / "lora" / "config.json").read_text())["bucketing"] is True
+
+
+@pytest.mark.slow
+def test_a_bucketed_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path_factory, tmp_path):
+    """SIGKILL at step 7 (after the step-4 checkpoint) + --resume: the same final adapters, bit for bit, as a straight
+    run (the batches of the bucketed order are a pure function of (seed, step)); max length 48: three row lengths."""
+    from test_cli import final_adapters, run_cli, write_tiny_bert
+
+    root = tmp_path_factory.mktemp("bucket_cli")
+    write_tiny_bert(root / "model", root / "data.csv", per_label=100, encoding="latin-1")
+    extra = ("--bucketing", "--max-length", "48", "--adapter-dropout", "0")
+    straight = run_cli(root, tmp_path / "a", *extra)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run_cli(root, tmp_path / "b", *extra, kill=(6, "begin"))
+    assert killed.returncode == -9
+    resumed = run_cli(root, tmp_path / "b", *extra, "--resume")
+    assert resumed.returncode == 0 and "resumed from step 4" in resumed.stdout, resumed.stderr[-3000:]
+    (step_a, a), (step_b, b) = final_adapters(tmp_path / "a"), final_adapters(tmp_path / "b")
+    assert step_a == step_b == 12 and a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
