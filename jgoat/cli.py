@@ -185,9 +185,10 @@ def train_parser() -> jsonargparse.ArgumentParser:
                         "--aux-count-padding, or with --no-packing")
     t.add_argument("--bucketing", default=False, action=_switch(),
                    help="classify: training batches of similar length, each cut to the shortest of T/8, T/4, T/2, "
-                        "T (multiples of 16) that holds it (exact: only padding is dropped; a few more compiles). "
-                        "Off by default: at the default --max-length 48 it saves less than its compiles cost "
-                        "(BENCHMARKS.md); not with GOAT / MoLoRA under --aux-count-padding")
+                        "T (multiples of 16) that holds it (exact: only padding is dropped; up to 3 more compiles). "
+                        "Off by default: over the default 300 steps at --max-length 48 its compiles cost about what "
+                        "it saves, and it changes which examples share a batch (BENCHMARKS.md); not with GOAT / "
+                        "MoLoRA under --aux-count-padding")
     t.add_argument("--image-column", default="image")
     t.add_argument("--encoding", default=None,
                    help="text encoding of CSV/JSON data files (default: UTF-8, else latin-1 with a warning)")
