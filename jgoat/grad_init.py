@@ -55,6 +55,15 @@ def _geometry(params: Mapping, paths, layouts) -> dict[str, tuple[tuple[int, ...
     return out
 
 
+def _kernel_sharding(kernel, shape: tuple[int, ...]) -> jax.sharding.NamedSharding | None:
+    """The kernel's sharding for its fp32 gradient accumulator when the kernel lies on a mesh and has the
+    accumulator's shape [*stack, in, out]; else None (jax's default placement)."""
+    sharding = getattr(kernel, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and tuple(kernel.shape) == shape:
+        return sharding
+    return None
+
+
 def _loss_value(out):
     return out[0] if isinstance(out, tuple | list) else out
 
@@ -101,9 +110,14 @@ def gora_gradients(params: PyTree, loss_fn, batches: Iterable, *, targets, layou
     """
     params, paths = _select(params, targets, layouts)
     geometry = _geometry(params, paths, layouts)
-    acc = {name: jnp.zeros((*stack, n_in, n_out), jnp.float32) for name, (stack, n_in, n_out) in geometry.items()}
+    # on a mesh, each kernel's accumulator takes the kernel's sharding (no device holds the whole Ḡ)
+    placed = {path_str(p): _kernel_sharding(get_at(params, p)["kernel"], (*stack, n_in, n_out))
+              for p, (stack, n_in, n_out) in zip(paths, geometry.values(), strict=True)}
+    acc = {name: jnp.zeros((*stack, n_in, n_out), jnp.float32, device=placed[name])
+           for name, (stack, n_in, n_out) in geometry.items()}
+    out_shardings = None if None in placed.values() else (placed, None)
     step = jax.jit(functools.partial(_accumulate, paths=tuple(paths), geometry=geometry, loss_fn=loss_fn),
-                   donate_argnums=0)
+                   donate_argnums=0, out_shardings=out_shardings)
     total = len(batches) if hasattr(batches, "__len__") else None
     total = n_batches if total is None else (total if n_batches is None else min(total, n_batches))
     count = 0

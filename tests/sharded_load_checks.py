@@ -35,6 +35,7 @@ from jgoat.models import (
     LlamaForCausalLM,
     ViTConfig,
     ViTForImageClassification,
+    causal_lm_loss,
     formats,
     from_pretrained,
     hf,
@@ -295,12 +296,35 @@ def run_quantize(folders: dict[str, Path]) -> dict:
     return out
 
 
+def run_gora(folders: dict[str, Path]) -> dict:
+    """``jgoat.gora_gradients`` (GoRA's Ḡ, every linear of the Llama, 3 batches) of the mesh-loaded params vs of
+    the single-device params: the largest difference relative to each kernel's largest |Ḡ|, and whether each
+    accumulator carries its kernel's sharding."""
+    model, ref, _ = from_pretrained(folders["llama"])
+    mesh = jgoat.mesh(**dict(zip(("data", "fsdp", "tensor"), MESHES["1,4,2"], strict=True)))
+    _, params, _ = from_pretrained(folders["llama"], mesh=mesh)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, LLAMA.vocab_size, (8, 16)).astype(np.int32) for _ in range(3)]
+
+    def loss(p, ids):
+        return causal_lm_loss(model.apply({"params": p}, ids, jnp.ones_like(ids)).logits, ids)
+
+    cfg = jgoat.GoraConfig(targets="all-linear")
+    want = jgoat.gora_gradients(ref, loss, batches, targets=cfg, progress=False)
+    got = jgoat.gora_gradients(params, loss, batches, targets=cfg, progress=False)
+    kernels = {"/".join(p[:-1]): x for p, x in traverse_util.flatten_dict(params).items() if p[-1] == "kernel"}
+    return {name: {"rel_diff": float(np.max(np.abs(np.asarray(got[name]) - np.asarray(g))) / np.max(np.abs(g))),
+                   "kernel_sharding": got[name].sharding.is_equivalent_to(kernels[name].sharding, g.ndim)}
+            for name, g in want.items()}
+
+
 def main(path: str) -> None:
     assert len(jax.devices()) == 8, jax.devices()
     counter = ReadCounter()
     with tempfile.TemporaryDirectory() as tmp:
         folders = build(Path(tmp))
-        report = {"loads": run_loads(folders, counter), "wraps": run_wraps(folders), "nf4": run_quantize(folders)}
+        report = {"loads": run_loads(folders, counter), "wraps": run_wraps(folders), "nf4": run_quantize(folders),
+                  "gora": run_gora(folders)}
     Path(path).write_text(json.dumps(report, indent=1))
 
 
