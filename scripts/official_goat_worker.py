@@ -71,6 +71,7 @@ def main() -> None:
     params = nested({k.removeprefix("params/"): data[k] for k in data.files if k.startswith("params/")})
     x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
     twin = torch_twin(params, cfg["layers"], cfg["width"], cfg["heads"], cfg["intermediate"], cfg["seq"], cfg["rope"])
+    twin.device = torch.device("cpu")  # the official get_aux_loss reads model.device, as an HF model has it
     goat_cfg = src.GOATConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], lora_dropout=0.0, target_modules=TARGETS,
                               bias="none", num_experts=cfg["experts"], top_k=cfg["top_k"], init_type="goat",
                               init_cof=1.0 / cfg["experts"])
