@@ -888,6 +888,9 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
     loads: list = []
 
     def evaluate(params):
+        # several processes: each passes the same whole host eval batches (the eval split and its order are the same
+        # everywhere), which jit takes as replicated inputs of the sharded model; the sums come back replicated, so
+        # every process reads the same metrics (no rows to split: the last batch may be short)
         metrics, load = tasks.evaluate(task, params, args.eval_batch_size)
         loads[:] = [load]
         return metrics
@@ -948,12 +951,19 @@ def run(args, name: str, cfg: Any, task: tasks.Task, lr: float,
 
 def _replicated_adapters(tree, mesh: jax.sharding.Mesh):
     """`tree` with its adapter leaves (and modules_to_save) replicated on `mesh`: whole on every process, so host
-    code (the export) reads them; the base stays sharded."""
+    code (the export) reads them; the base stays sharded.
+
+    One program for all of them, waited for: on XLA:CPU with gloo, many small cross-process programs dispatched back
+    to back without waiting (a jit per leaf) were measured to deadlock the two processes."""
     saved = jgoat.core.saved_prefixes(tree)
-    copy = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: copy(x) if jgoat.core.is_adapter_path(jax.tree_util.keystr(p, simple=True, separator="/"), saved)
-        else x, tree)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = [x for _, x in paths]
+    which = [i for i, (p, _) in enumerate(paths)
+             if jgoat.core.is_adapter_path(jax.tree_util.keystr(p, simple=True, separator="/"), saved)]
+    copied = jax.jit(lambda xs: xs, out_shardings=sharding.replicated(mesh))([leaves[i] for i in which])
+    for i, x in zip(which, jax.block_until_ready(copied), strict=True):
+        leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def compute_dtype(name: str) -> jnp.dtype:
