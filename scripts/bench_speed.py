@@ -276,6 +276,12 @@ class LoadMeter:
     def _own(self) -> int:
         return _proc_ticks("self") + sum(_proc_ticks(pid) for pid in self.children)
 
+    def wait_quiet(self, at_most_s: float) -> None:
+        """Sleep until the 1-min load average is under the limit again, at most `at_most_s` seconds."""
+        end = time.perf_counter() + at_most_s
+        while os.getloadavg()[0] > self.own_threads + self.per_core * self.cores and time.perf_counter() < end:
+            time.sleep(5.0)
+
     def start(self) -> dict:
         return {"load": os.getloadavg(), "busy": _busy_ticks(), "own": self._own(), "t": time.perf_counter()}
 
@@ -363,8 +369,9 @@ def parse_args(argv=None):
     p.add_argument("--foreign-cpu", type=float, default=0.10,
                    help="... or when other processes used more than this share of the machine's CPU time during it")
     p.add_argument("--strict", action="store_true",
-                   help="refuse foreign-loaded rounds: rerun them (up to 3x --repeats rounds in all) and exit with "
-                        "status 3 if fewer than --repeats clean rounds were taken")
+                   help="refuse foreign-loaded rounds: rerun them (up to 3x --repeats rounds in all, each after "
+                        "waiting up to a minute for the load to fall) and exit with status 3 if fewer than "
+                        "--repeats clean rounds were taken")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.width, args.seq, args.batch, args.repeats, args.warmup = 2, 256, 64, 2, 3, 1
@@ -578,6 +585,8 @@ def main(argv=None) -> dict:
         rounds.append({**meter.stop(mark), "times_s": sample})
         if rounds[-1]["foreign"]:
             log(f"round {r}: foreign load ({rounds[-1]['why']})")
+            if args.strict:  # give the other work (and the lagging load average) up to a minute to go away
+                meter.wait_quiet(60.0)
     run_s = time.perf_counter() - t_run
     if official is not None:
         official.close()
