@@ -492,13 +492,16 @@ def describe_mesh(mesh: jax.sharding.Mesh) -> str:
 DISTRIBUTED = ("coordinator", "num_processes", "process_id")
 
 
-def _cluster_detected() -> bool:
-    """Whether this process runs where ``jax.distributed.initialize()`` finds its coordinator, process count and id
-    itself: jax's own detection (Cloud TPU VM / GKE, SLURM, Open MPI, Kubernetes with the kubernetes package), the
-    clusters it tries when called with no arguments. jax has no public name for that list."""
+def _cluster_processes() -> int | None:
+    """How many processes the cluster this process runs in has, when it is one where ``jax.distributed.initialize()``
+    finds its coordinator, process count and id itself (jax's own detection, the clusters it tries when called with
+    no arguments: Open MPI, SLURM, Cloud TPU VM / GKE, Kubernetes with the kubernetes package); else None. jax has no
+    public name for that list."""
     from jax._src import clusters
 
-    return any(not env.opt_in_only_method and env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+    env = next((e for e in clusters.ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()),
+               None)
+    return None if env is None else env.get_process_count()
 
 
 def start_processes(args: argparse.Namespace) -> None:
@@ -506,19 +509,19 @@ def start_processes(args: argparse.Namespace) -> None:
 
     The coordinator, process count and id come from --coordinator / --num-processes / --process-id (the coordinator
     also from JAX_COORDINATOR_ADDRESS, which jax reads itself), or, with none of them, from a cluster jax detects
-    (:func:`_cluster_detected`). Neither: one process, nothing to start. On the CPU platform the processes' collectives
-    are gloo's (jax's default, set unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chooses). A partial or inconsistent set is
-    a JgoatError, raised before anything starts."""
+    (:func:`_cluster_processes`). Neither, or a cluster of one process: nothing to start. On the CPU platform the
+    processes' collectives are gloo's (jax's default, set unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chooses). A
+    partial or inconsistent set is a JgoatError, raised before anything starts."""
     given = {name: getattr(args, name, None) for name in DISTRIBUTED}
     address = given["coordinator"] or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if all(v is None for v in given.values()):
-        if not _cluster_detected():
-            if address is not None:
-                raise JgoatError(f"JAX_COORDINATOR_ADDRESS={address} is set but jax finds no cluster (SLURM, Open "
-                                 "MPI, Cloud TPU) to read the process count and id from: give --num-processes N and "
-                                 "--process-id I too, or unset it for one process")
-            return
-        _initialize()
+        processes = _cluster_processes()
+        if processes is None and address is not None:
+            raise JgoatError(f"JAX_COORDINATOR_ADDRESS={address} is set but jax finds no cluster (SLURM, Open MPI, "
+                             "Cloud TPU) to read the process count and id from: give --num-processes N and "
+                             "--process-id I too, or unset it for one process")
+        if processes is not None and processes > 1:
+            _initialize()
         return
     missing = [_flag(n) for n, v in given.items() if v is None and not (n == "coordinator" and address)]
     if missing:

@@ -223,6 +223,24 @@ def test_bad_distributed_flags_are_one_line_errors(tmp_path, monkeypatch, capsys
     assert not out.exists()
 
 
+def test_a_one_process_cluster_starts_nothing(monkeypatch):
+    """Under SLURM with one task (jax detects the cluster: 1 process) `jgoat train` stays a plain one-process run;
+    with two tasks it would join them, which this process (JAX already running) refuses in one line."""
+    import jax
+
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    jax.devices()  # this process's backend is up: joining other processes now is refused
+    args = cli.build_parser().parse_args(["train"])
+    cli.start_processes(args)
+    assert jax.process_count() == 1
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(cli.JgoatError, match="this process already ran JAX"):
+        cli.start_processes(args)
+
+
 def test_the_coordinator_may_come_from_the_environment(monkeypatch):
     """JAX_COORDINATOR_ADDRESS stands for --coordinator (jax reads it itself); one process starts nothing."""
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
