@@ -15,9 +15,10 @@ Why a thread and memory-mapped arrays rather than grain (or ``datasets`` streami
 - The host RAM of the data is bounded by the tokenised arrays living on disk (:mod:`jgoat.data` caches them as
   uncompressed ``.npz`` read as ``np.memmap``): a batch reads its own rows, the page cache holds the rest, so RSS
   does not grow with the dataset (BENCHMARKS.md, "Input pipeline").
-- The work per batch is a row gather (numpy releases the GIL while copying) or an image decode (PIL releases it
-  too) and a host→device copy; one thread is enough to hide it behind a step. Grain's worker processes pay off
-  when per-example Python transforms dominate, which jgoat does not have.
+- The work per batch is a row gather from the mapped arrays (~1 ms) or, for images, a decode and resize (PIL
+  decodes outside the GIL) plus a host→device copy; one thread hides it behind the step (measured: the loop's wait
+  per step 0.04 ms with prefetching, against 0.9 ms for token rows and 120-160 ms for 8 JPEGs without). Grain's
+  worker processes would pay off where per-example Python work outgrows a step, which is not the case here.
 
 The thread is a daemon and is always joined: :meth:`Prefetcher.close` (the context manager's exit) stops it on
 any exit of the loop, normal or not (an exception, ``KeyboardInterrupt``, :class:`jgoat.errors.NonFiniteError`).
