@@ -665,11 +665,14 @@ def check_resume(args: argparse.Namespace) -> None:
         raise JgoatError(f"--resume: no checkpoint under {out} (looked in {', '.join(names)}/checkpoints); drop "
                          "--resume to start from step 0, or give the --out of the run to continue")
     now = run_config(args)
+    defaults = run_config(train_parser().get_defaults())
     for name, step in found.items():
         stored_path = out / name / "config.json"
         if step is None or not stored_path.is_file():
             continue
         stored = json.loads(stored_path.read_text())
+        # a setting newer than the stored run counts as that run's when this run leaves it at its default
+        stored = {**{k: v for k, v in now.items() if k not in stored and v == defaults.get(k)}, **stored}
         differ = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k)
                         and k not in args.allow_change)
         if differ:

@@ -151,3 +151,19 @@ def test_command_line_run_length_beats_the_config_files(tmp_path):
     assert (args.steps, args.epochs) == (5, None)
     args = parser.parse_args(["train", "--config", str(steps), "--config", str(epochs)])
     assert args.epochs == 3 and cli.total_steps(args, n_train) == (30, 10)
+
+
+def test_resume_of_a_run_older_than_a_setting(tmp_path, monkeypatch):
+    """A run stored before a setting existed resumes when this run leaves that setting at its default (the old run
+    behaved as the default does); a non-default value is still a change --resume refuses."""
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--no-baseline", "--resume"]
+    stored = cli.run_config(cli.build_parser().parse_args(argv))
+    for newer in ("bucketing", "compute_dtype"):
+        del stored[newer]
+    (out / "goat").mkdir(parents=True)
+    (out / "goat" / "config.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(cli.jgoat, "latest_step", lambda path: 3 if path.parent.name == "goat" else None)
+    cli.check_resume(cli.build_parser().parse_args(argv))
+    with pytest.raises(ValueError, match=r"compute_dtype: None -> 'bfloat16'.*--allow-change compute_dtype"):
+        cli.check_resume(cli.build_parser().parse_args([*argv, "--compute-dtype", "bfloat16"]))
