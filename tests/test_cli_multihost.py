@@ -2,7 +2,8 @@
 each, 8 in all) train the tiny BERT classifier and the tiny Llama SFT model of the CLI tests, each process reading only
 its half of every global batch; their checkpoints, exported adapter and eval metrics equal one process's run of the
 same global batches on the same mesh over 8 devices; a --resume continues on two processes from a one-process
-checkpoint. Bad distributed flags are one-line errors before anything starts.
+checkpoint (these CLI runs are marked slow: ~7.5 min in all). Bad distributed flags are one-line errors before
+anything starts; a process's rows of a global batch are placed exactly (fast, in the default suite).
 
 Tolerance (fp32): the two-process run computes the same global step as the one-process run, but its cross-process
 reductions (gradient and loss sums over the data×fsdp shards) go through gloo instead of XLA:CPU's in-process
@@ -144,8 +145,8 @@ def classify_runs(files, tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_train_classify_like_one(classify_runs):
     """Each process reads its half of every batch, process 0 alone writes, both write checkpoint shards; the result
-    equals the one-process run to RTOL (measured 4.2e-6; the three runs of the fixture take ~5 min of a loaded
-    2-core machine, ~2.5 min of CPU)."""
+    equals the one-process run to RTOL (measured 4.2e-6; the fixture's three runs took 281 s on a loaded 2-core
+    machine)."""
     root = classify_runs["root"]
     check_two_process_run(classify_runs["two"], root / "two" / "goat")
     err = check_equal(root / "one" / "goat", root / "two" / "goat")
@@ -166,7 +167,7 @@ def test_resume_on_two_processes_from_one(classify_runs):
 @pytest.mark.slow
 def test_two_processes_train_sft_like_one(files, tmp_path):
     """SFT on the tiny Llama, the processes meeting through SLURM's environment variables (no flags): equal to the
-    one-process run to RTOL (measured 6.8e-6; ~3 min of a loaded 2-core machine)."""
+    one-process run to RTOL (measured 6.8e-6; 161 s on a loaded 2-core machine)."""
     reference = one_process(argv(files, "sft", tmp_path / "one"))
     assert reference.returncode == 0, reference.stderr[-4000:]
     results = two_processes(argv(files, "sft", tmp_path / "two"), slurm=True)
