@@ -43,6 +43,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def script_on_two_processes(script: pathlib.Path, tmp_path: pathlib.Path, env: dict[str, str]) -> list[dict]:
+    """`python SCRIPT PROCESS_ID PORT OUT.json` as processes 0 and 1 of one jax.distributed run: each one's report."""
+    port = free_port()
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(outs[i])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
+    return [json.loads(o.read_text()) for o in outs]
+
+
 def argv(files, kind: str, out: pathlib.Path, *extra: str) -> list[str]:
     """A GOAT run of `kind`: 20 steps of a global batch of 8 on mesh data=2,fsdp=4, checkpoints at 10 and 20."""
     model, data = files[kind]
@@ -180,14 +191,7 @@ def test_each_process_reads_its_rows_of_the_global_batch(tmp_path):
     """`sharding.process_rows` + `place_batch` on two processes: rows in blocks, interleaved (the processes' devices
     alternate on the mesh) and shared (tensor=4 spans both processes, so both hold every row); the global array
     gathered back is the global batch, exactly."""
-    port = free_port()
-    outs = [tmp_path / f"p{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_rows_check.py"), str(i), str(port), str(outs[i])],
-                              env=ENV4, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
-    reports = [json.loads(o.read_text()) for o in outs]
+    reports = script_on_two_processes(HERE / "multihost_rows_check.py", tmp_path, ENV4)
     expected = {"blocks": [list(range(8)), list(range(8, 16))],
                 "interleaved": [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]],
                 "shared": [list(range(16)), list(range(16))]}

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_cli_multihost import script_on_two_processes
 
 HERE = Path(__file__).parent
 RTOL_SCALAR = 1e-6
@@ -159,17 +159,8 @@ def test_two_processes_on_localhost(tmp_path):
     """Multi-host: two processes (jax.distributed.initialize + gloo CPU collectives, 4 devices each) train 3 sharded
     GOAT steps on the global mesh (data=2, fsdp=4), each feeding only its half of every batch; the gathered adapters
     equal the one-process run (same tolerance as above). About 25 s of CPU per process."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    outs = [tmp_path / f"p{i}.json" for i in range(2)]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_check.py"), str(i), str(port), str(outs[i])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
-    results = [json.loads(o.read_text()) for o in outs]
+    results = script_on_two_processes(HERE / "multihost_check.py", tmp_path, env)
     for i, r in enumerate(results):
         assert (r["process_index"], r["process_count"], r["global_devices"], r["local_devices"]) == (i, 2, 8, 4)
         assert r["adapters_rel_err"] <= RTOL_STATE, r
