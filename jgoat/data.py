@@ -213,11 +213,12 @@ def row_lengths(mask: np.ndarray) -> np.ndarray:
     return np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 1)
 
 
-def bucket_lengths(max_length: int, multiple: int = 16) -> tuple[int, ...]:
-    """The row lengths of length-bucketed training batches: T/8, T/4, T/2 and T rounded up to a multiple of
-    `multiple` (capped at T = `max_length`), so that a run compiles its step for at most four shapes (three at the
-    default T = 48: 16, 32, 48)."""
-    return tuple(sorted({min(max_length, -(-(max_length >> k) // multiple) * multiple) for k in range(4)}))
+def bucket_lengths(max_length: int, multiple: int = 16, *, at_least: int = 0) -> tuple[int, ...]:
+    """The row lengths of length-bucketed batches: T/8, T/4, T/2 and T rounded up to a multiple of `multiple`, at
+    least `at_least` (capped at T = `max_length`), so that a run compiles its step for at most four shapes (three at
+    the default T = 48: 16, 32, 48)."""
+    return tuple(sorted({min(max_length, max(at_least, -(-(max_length >> k) // multiple) * multiple))
+                         for k in range(4)}))
 
 
 def bucketed_batch_indices(lengths: np.ndarray, batch_size: int, seed: int, step: int, *,

@@ -172,10 +172,8 @@ def length_sorted_batches(split: ArraySplit | ImageSplit, batch_size: int) -> li
     padding it saves. Rows of at most 64 tokens, image splits (no mask): in order, untrimmed (row length None)."""
     if not isinstance(split, ArraySplit) or "mask" not in split.arrays:
         return _in_order(len(split), batch_size)
-    mask = np.asarray(split.arrays["mask"]) != 0
-    T = mask.shape[1]
-    lengths = np.where(mask.any(axis=1), T - np.argmax(mask[:, ::-1], axis=1), 1)
-    buckets = sorted({min(T, max(64, -(-(T >> k) // 8) * 8)) for k in range(4)})
+    mask = split.arrays["mask"]
+    lengths, buckets = data_lib.row_lengths(mask), data_lib.bucket_lengths(mask.shape[1], 8, at_least=64)
     if len(buckets) == 1:
         return _in_order(len(split), batch_size)
     order = np.argsort(lengths, kind="stable")
